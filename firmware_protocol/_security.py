@@ -1,0 +1,67 @@
+"""Replay protection and duplicate detection.  Pure: the caller supplies all state."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from enum import Enum
+
+__all__ = ["ReplayGuard", "Verdict"]
+
+
+class Verdict(Enum):
+    NEW = "new"  # higher than anything accepted from this device
+    DUPLICATE = "duplicate"  # a retransmission of a frame already accepted
+    REPLAY = "replay"  # an old counter, or a known counter with other content
+
+
+class ReplayGuard:
+    """Per-device high-water mark of accepted frame counters.
+
+    A retransmission repeats a frame byte for byte, so it carries the same
+    counter and MAC as an accepted frame: it is a DUPLICATE and is acknowledged
+    again without a second event.  Any other frame whose counter is not above
+    the high-water mark is a REPLAY.  The last ``window`` accepted frames of
+    each device are remembered to tell the two apart.
+    """
+
+    def __init__(self, window: int = 16) -> None:
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        self._window = window
+        self._high: dict[int, int] = {}
+        self._recent: dict[int, OrderedDict[int, bytes]] = {}
+
+    def high_water(self, device_id: int) -> int:
+        return self._high.get(device_id, 0)
+
+    def check(self, device_id: int, counter: int, mac: bytes) -> Verdict:
+        recent = self._recent.get(device_id)
+        if recent is not None:
+            seen = recent.get(counter)
+            if seen is not None:
+                return Verdict.DUPLICATE if seen == mac else Verdict.REPLAY
+        if counter > self._high.get(device_id, 0):
+            return Verdict.NEW
+        return Verdict.REPLAY
+
+    def accept(self, device_id: int, counter: int, mac: bytes) -> None:
+        """Record a frame as accepted (call once it is durably stored)."""
+        if counter > self._high.get(device_id, 0):
+            self._high[device_id] = counter
+        recent = self._recent.setdefault(device_id, OrderedDict())
+        recent[counter] = mac
+        recent.move_to_end(counter)
+        while len(recent) > self._window:
+            recent.popitem(last=False)
+
+    def load(self, device_id: int, high_water: int, recent: Iterable[tuple[int, bytes]]) -> None:
+        """Restore a device's state, e.g. from the journal at start-up."""
+        self._high[device_id] = max(high_water, self._high.get(device_id, 0))
+        for counter, mac in sorted(recent):
+            self.accept(device_id, counter, mac)
+
+    def forget(self, device_id: int) -> None:
+        """Drop a device's state: its counter restarts (a replaced caller)."""
+        self._high.pop(device_id, None)
+        self._recent.pop(device_id, None)

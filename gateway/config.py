@@ -1,0 +1,297 @@
+"""Configuration files: pydantic models at the boundary, clear errors for staff.
+
+``gateway.toml`` names the village, the store, the device links and the
+residents file.  Relative paths inside it are taken from the file's own folder,
+so a copied config directory keeps working wherever it is put.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from firmware_protocol import KEY_LEN
+
+__all__ = [
+    "Caller",
+    "ConfigError",
+    "GatewayConfig",
+    "Loaded",
+    "MqttLinkConfig",
+    "ResidentsFile",
+    "SerialLinkConfig",
+    "load",
+    "load_residents",
+]
+
+
+class ConfigError(Exception):
+    """One or more problems in configuration files, each naming file, field and value."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+class VillageConfig(_Model):
+    id: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
+    name: str = ""
+    timezone: str = "Asia/Shanghai"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}") from None
+        return value
+
+
+class StoreConfig(_Model):
+    path: Path = Path("/var/lib/onetouch-gateway/gateway.db")
+    # FULL makes every acknowledged press survive a power cut, which is the
+    # promise; NORMAL is offered only for benchmarks on throw-away data.
+    synchronous: Literal["FULL", "NORMAL"] = "FULL"
+
+
+class SerialLinkConfig(_Model):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,32}$")]
+    port: str
+    baudrate: Annotated[int, Field(gt=0, le=4_000_000)] = 9600
+    rs485: bool = False  # drive RTS for a transceiver's direction pin
+    reopen_min_s: Annotated[float, Field(gt=0)] = 0.5
+    reopen_max_s: Annotated[float, Field(gt=0)] = 30.0
+
+
+class MqttLinkConfig(_Model):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(gt=0, lt=65536)] = 1883
+    username: str | None = None
+    password: str | None = None
+    client_id: str | None = None  # default: onetouch-gateway-{village id}
+    topic_prefix: str | None = None  # default: onetouch/{village id}
+    keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
+    reconnect_min_s: Annotated[float, Field(gt=0)] = 0.5
+    reconnect_max_s: Annotated[float, Field(gt=0)] = 30.0
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _plain_prefix(cls, value: str | None) -> str | None:
+        if value is not None and (
+            not value or any(c in value for c in "+#") or value.endswith("/")
+        ):
+            raise ValueError(f"topic prefix {value!r} must be non-empty, without + # or a final /")
+        return value
+
+
+class LinksConfig(_Model):
+    serial: list[SerialLinkConfig] = []
+    mqtt: MqttLinkConfig | None = None
+
+    @model_validator(mode="after")
+    def _some_link(self) -> Self:
+        if not self.serial and self.mqtt is None:
+            raise ValueError("no device link: configure [[links.serial]] or [links.mqtt]")
+        names = [s.name for s in self.serial]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"serial link names repeat: {sorted(dup)}")
+        return self
+
+
+class IntakeConfig(_Model):
+    # Presses that arrive together are committed together; an upper bound
+    # keeps one transaction short.
+    max_batch: Annotated[int, Field(ge=1, le=10_000)] = 256
+
+
+class ClockConfig(_Model):
+    # "auto" asks the kernel whether the clock is synchronised (a Pi has no
+    # RTC, so its time is wrong after a power cut until NTP fixes it).
+    trust: Literal["auto", "always", "never"] = "auto"
+
+
+class LogConfig(_Model):
+    format: Literal["auto", "json", "console"] = "auto"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class GatewayFile(_Model):
+    village: VillageConfig
+    store: StoreConfig = StoreConfig()
+    residents: Path = Path("residents.toml")
+    links: LinksConfig
+    intake: IntakeConfig = IntakeConfig()
+    clock: ClockConfig = ClockConfig()
+    log: LogConfig = LogConfig()
+
+
+class Caller(_Model):
+    id: Annotated[int, Field(ge=1, le=0xFFFFFFFF)]
+    key: str  # 32 hex digits, the caller's 16-byte secret
+    resident: str
+    address: str = ""
+    grid: str = ""
+    phone: str = ""
+    lives_alone: bool = False
+    notes: str = ""
+
+    @field_validator("key")
+    @classmethod
+    def _hex_key(cls, value: str) -> str:
+        try:
+            raw = bytes.fromhex(value)
+        except ValueError:
+            raise ValueError("key must be hexadecimal digits") from None
+        if len(raw) != KEY_LEN:
+            raise ValueError(f"key must be {KEY_LEN * 2} hex digits, got {len(value)}")
+        return value.lower()
+
+    @property
+    def key_bytes(self) -> bytes:
+        return bytes.fromhex(self.key)
+
+
+class ResidentsFile(_Model):
+    caller: list[Caller] = []
+
+    @model_validator(mode="after")
+    def _unique(self) -> Self:
+        seen: set[int] = set()
+        for c in self.caller:
+            if c.id in seen:
+                raise ValueError(f"caller id {c.id} appears more than once")
+            seen.add(c.id)
+        return self
+
+    def by_id(self) -> dict[int, Caller]:
+        return {c.id: c for c in self.caller}
+
+
+class GatewayConfig(_Model):
+    """The gateway file with its paths resolved."""
+
+    source: Path
+    village: VillageConfig
+    store: StoreConfig
+    residents_path: Path
+    links: LinksConfig
+    intake: IntakeConfig
+    clock: ClockConfig
+    log: LogConfig
+
+    @property
+    def topic_prefix(self) -> str:
+        mqtt = self.links.mqtt
+        if mqtt is not None and mqtt.topic_prefix:
+            return mqtt.topic_prefix
+        return f"onetouch/{self.village.id}"
+
+    @property
+    def mqtt_client_id(self) -> str:
+        mqtt = self.links.mqtt
+        if mqtt is not None and mqtt.client_id:
+            return mqtt.client_id
+        return f"onetouch-gateway-{self.village.id}"
+
+
+class Loaded(_Model):
+    gateway: GatewayConfig
+    residents: ResidentsFile
+
+
+def _describe(exc: ValidationError, file: Path, data: Any) -> list[str]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = err["loc"]
+        parts: list[str] = []
+        node = data
+        for item in loc:
+            if isinstance(item, int):
+                label = f"[{item}]"
+                if isinstance(node, list) and item < len(node):
+                    node = node[item]
+                    # Name list entries by their id where they have one; staff
+                    # search the file for "id = 1017", not for an index.
+                    if isinstance(node, dict) and "id" in node:
+                        label = f"[id={node['id']}]"
+                else:
+                    node = None
+                parts.append(label)
+            else:
+                parts.append(("." if parts else "") + str(item))
+                node = node.get(item) if isinstance(node, dict) else None
+        where = "".join(parts) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] in ("missing",):
+            problems.append(f"{file}: {where}: required field is missing")
+        elif err["type"] == "extra_forbidden":
+            problems.append(f"{file}: {where}: unknown field (misspelt?)")
+        else:
+            problems.append(f"{file}: {where}: {msg} (value: {err.get('input')!r})")
+    return problems
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: file not found"]) from None
+    except PermissionError:
+        raise ConfigError([f"{path}: permission denied"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text: {exc}"]) from None
+
+
+def load_residents(path: Path) -> ResidentsFile:
+    data = _read_toml(path)
+    try:
+        return ResidentsFile.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path, data)) from None
+
+
+def load(path: Path | str) -> Loaded:
+    """Read and validate the gateway file and the residents file it names."""
+    path = Path(path).resolve()
+    data = _read_toml(path)
+    try:
+        raw = GatewayFile.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path, data)) from None
+    base = path.parent
+    store = raw.store
+    if not store.path.is_absolute():
+        store = store.model_copy(update={"path": base / store.path})
+    residents_path = raw.residents if raw.residents.is_absolute() else base / raw.residents
+    gateway = GatewayConfig(
+        source=path,
+        village=raw.village,
+        store=store,
+        residents_path=residents_path,
+        links=raw.links,
+        intake=raw.intake,
+        clock=raw.clock,
+        log=raw.log,
+    )
+    return Loaded(gateway=gateway, residents=load_residents(residents_path))

@@ -1,0 +1,421 @@
+"""Intake: from decoded frames to durable, de-duplicated events and acknowledgements.
+
+Order matters and is the whole point of this module:
+
+    authenticate -> drop replays -> de-duplicate -> journal (commit) -> acknowledge
+
+A caller is told "received" only after its press is on disk.  Frames that
+arrive while a commit is in flight are committed together in the next one
+(group commit), so a burst of presses costs a few fsyncs, not one each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from firmware_protocol import (
+    Ack,
+    CallerAck,
+    Feedback,
+    Frame,
+    Heartbeat,
+    KeyPress,
+    Reason,
+    Rejected,
+    ReplayGuard,
+    Verdict,
+    encode,
+    verify_mac,
+)
+
+from .clock import WallClock
+from .events import CallerEvent, HeartbeatReceived, KeyPressed
+from .log import get_logger
+from .metrics import Metrics
+from .store import Store, StoreError
+
+__all__ = ["Intake", "KeyRing", "Link"]
+
+log = get_logger("gateway.intake")
+
+_DOWNLINK_BLOCK = 1024
+_FEEDBACK_TRIES = 4
+_FEEDBACK_RETRY_S = 2.0
+_STORE_RETRY_S = 1.0
+
+
+class Link(Protocol):
+    """What the intake needs of a device link: a name and a way to reach a caller."""
+
+    name: str
+
+    def send(self, device_id: int, frame: bytes) -> bool:
+        """Queue a downlink frame; False when the link cannot take it now."""
+        ...
+
+
+KeyRing = Callable[[int], bytes | None]
+
+
+@dataclass(slots=True)
+class _Pending:
+    frame: Frame
+    link: Link
+    event: CallerEvent
+
+
+@dataclass(slots=True)
+class _FeedbackInFlight:
+    device_id: int
+    frame: bytes
+    counter: int
+    tries: int = 0
+    acked: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class _DownlinkCounters:
+    """Downlink frame counters, reserved on disk in blocks.
+
+    A caller rejects a downlink counter it has already seen, so after a restart
+    the gateway must continue above every counter it ever used.  Persisting
+    each one would cost an fsync per acknowledgement; reserving a block costs
+    one per 1,024 frames per caller, and a restart skips the unused rest.
+    """
+
+    def __init__(self, reserved: dict[int, int]) -> None:
+        self._reserved = dict(reserved)
+        self._next = {d: r + 1 for d, r in reserved.items()}
+
+    def shortfall(self, device_id: int, n: int = 1) -> int | None:
+        """The reservation to write before ``n`` more counters can be taken, if any."""
+        nxt = self._next.get(device_id, 1)
+        if nxt + n - 1 <= self._reserved.get(device_id, 0):
+            return None
+        return nxt + n - 1 + _DOWNLINK_BLOCK
+
+    def granted(self, device_id: int, up_to: int) -> None:
+        self._reserved[device_id] = max(up_to, self._reserved.get(device_id, 0))
+        self._next.setdefault(device_id, 1)
+
+    def take(self, device_id: int) -> int:
+        nxt = self._next.get(device_id, 1)
+        if nxt > self._reserved.get(device_id, 0):
+            raise RuntimeError(f"downlink counter for caller {device_id} not reserved")
+        self._next[device_id] = nxt + 1
+        return nxt
+
+
+class Intake:
+    def __init__(
+        self,
+        store: Store,
+        keys: KeyRing,
+        *,
+        metrics: Metrics,
+        clock: WallClock,
+        max_batch: int = 256,
+        on_event: Callable[[CallerEvent], Any] | None = None,
+    ) -> None:
+        self._store = store
+        self._keys = keys
+        self._metrics = metrics
+        self._clock = clock
+        self._max_batch = max_batch
+        self._on_event = on_event
+        self._guard = ReplayGuard()
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._pending: dict[tuple[int, int], bytes] = {}
+        self._counters = _DownlinkCounters({})
+        self._routes: dict[int, Link] = {}
+        self._feedback: dict[tuple[int, int], _FeedbackInFlight] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.stored_events = 0
+
+    async def load(self) -> None:
+        """Restore counters from the store.  Call once before frames arrive."""
+        for device_id, high in (await self._store.high_water_marks()).items():
+            self._guard.load(device_id, high, ())
+        self._counters = _DownlinkCounters(await self._store.downlink_reservations())
+
+    # -- from the links ------------------------------------------------------------
+
+    def submit(self, item: Frame | Rejected, link: Link) -> None:
+        """Take one decoded item from a link.  Never raises: a bad frame is counted."""
+        try:
+            if isinstance(item, Rejected):
+                self._reject(item, link)
+            else:
+                self._frame(item, link)
+        except Exception:
+            self._metrics.inc("gateway_intake_errors_total", link=link.name)
+            log.exception("frame handling failed", link=link.name, rate_key=link.name)
+
+    def _reject(self, item: Rejected, link: Link) -> None:
+        self._metrics.inc("gateway_rejected_frames_total", reason=item.reason.value, link=link.name)
+        fields: dict[str, Any] = {"link": link.name, "reason": item.reason.value}
+        if item.device_id is not None:
+            fields["device"] = item.device_id
+        if item.counter is not None:
+            fields["counter"] = item.counter
+        log.warning(
+            "frame rejected",
+            detail=item.detail,
+            data=item.data[:32].hex(),
+            rate_key=f"{link.name}:{item.reason.value}:{item.device_id}",
+            **fields,
+        )
+
+    def _frame(self, frame: Frame, link: Link) -> None:
+        if not frame.type.uplink:
+            # RS-485 adapters echo what the gateway sends; that is not an error.
+            self._metrics.inc("gateway_ignored_frames_total", reason="echo", link=link.name)
+            return
+        key = self._keys(frame.device_id)
+        if key is None:
+            self._reject(
+                Rejected(
+                    Reason.UNKNOWN_DEVICE,
+                    frame.raw,
+                    f"caller {frame.device_id} is not in the residents file",
+                    frame.device_id,
+                    frame.counter,
+                ),
+                link,
+            )
+            return
+        if not verify_mac(frame, key):
+            self._reject(
+                Rejected(
+                    Reason.BAD_MAC,
+                    frame.raw,
+                    "message authentication code does not match the caller's key",
+                    frame.device_id,
+                    frame.counter,
+                ),
+                link,
+            )
+            return
+        ident = (frame.device_id, frame.counter)
+        if ident in self._pending:
+            # A retransmission of a frame whose commit is in flight: its
+            # acknowledgement is on its way.
+            self._metrics.inc("gateway_duplicate_frames_total", link=link.name)
+            if self._pending[ident] != frame.mac:
+                self._reject(
+                    Rejected(
+                        Reason.REPLAY,
+                        frame.raw,
+                        "counter reused with other content",
+                        frame.device_id,
+                        frame.counter,
+                    ),
+                    link,
+                )
+            return
+        verdict = self._guard.check(frame.device_id, frame.counter, frame.mac)
+        if verdict is Verdict.DUPLICATE:
+            self._metrics.inc("gateway_duplicate_frames_total", link=link.name)
+            self._routes[frame.device_id] = link
+            self._spawn(self._reack(frame, link))
+            return
+        if verdict is Verdict.REPLAY:
+            # Not in the recent window: the journal decides whether it is a
+            # retransmission of something stored long ago or a replay.
+            self._spawn(self._check_old(frame, link))
+            return
+        self._routes[frame.device_id] = link
+        if isinstance(frame.message, CallerAck):
+            self._guard.accept(frame.device_id, frame.counter, frame.mac)
+            self._caller_ack(frame.device_id, frame.message.acked_counter)
+            return
+        event = self._to_event(frame, link)
+        self._pending[ident] = frame.mac
+        self._queue.put_nowait(_Pending(frame, link, event))
+
+    def _to_event(self, frame: Frame, link: Link) -> CallerEvent:
+        now = self._clock.now()
+        trusted = self._clock.trusted()
+        msg = frame.message
+        if isinstance(msg, KeyPress):
+            return KeyPressed(frame.device_id, frame.counter, link.name, now, trusted, msg.key)
+        if isinstance(msg, Heartbeat):
+            return HeartbeatReceived(
+                frame.device_id,
+                frame.counter,
+                link.name,
+                now,
+                trusted,
+                msg.battery_mv,
+                msg.battery_pct,
+                msg.signal_dbm,
+                msg.external_power,
+                msg.low_battery,
+            )
+        raise TypeError(f"no event for {type(msg).__name__}")
+
+    async def _check_old(self, frame: Frame, link: Link) -> None:
+        mac = await self._store.frame_mac(frame.device_id, frame.counter)
+        if mac is not None and mac == frame.mac:
+            self._metrics.inc("gateway_duplicate_frames_total", link=link.name)
+            self._routes[frame.device_id] = link
+            await self._reack(frame, link)
+            return
+        high = self._guard.high_water(frame.device_id)
+        self._reject(
+            Rejected(
+                Reason.REPLAY,
+                frame.raw,
+                f"counter {frame.counter} is not above {high}, the last accepted",
+                frame.device_id,
+                frame.counter,
+            ),
+            link,
+        )
+
+    async def _reack(self, frame: Frame, link: Link) -> None:
+        need = self._counters.shortfall(frame.device_id)
+        if need is not None:
+            await self._store.reserve_downlink(frame.device_id, need)
+            self._counters.granted(frame.device_id, need)
+        self._send_ack(frame, link)
+
+    def _send_ack(self, frame: Frame, link: Link) -> None:
+        key = self._keys(frame.device_id)
+        if key is None:  # removed from the residents file since
+            return
+        ack = encode(
+            Ack(frame.counter),
+            device_id=frame.device_id,
+            counter=self._counters.take(frame.device_id),
+            key=key,
+        )
+        if not link.send(frame.device_id, ack):
+            self._metrics.inc("gateway_downlink_dropped_total", link=link.name, kind="ack")
+
+    # -- the committer -------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Commit queued frames in groups, then acknowledge them.  Runs until cancelled."""
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._commit(batch)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        wanted: dict[int, int] = {}
+        per_device: dict[int, int] = {}
+        for p in batch:
+            per_device[p.frame.device_id] = per_device.get(p.frame.device_id, 0) + 1
+        for device_id, n in per_device.items():
+            need = self._counters.shortfall(device_id, n)
+            if need is not None:
+                wanted[device_id] = need
+        try:
+            await self._store.append(
+                [(p.event, p.frame.mac) for p in batch], downlink_reservations=wanted
+            )
+        except StoreError as exc:
+            for p in batch:
+                self._pending.pop((p.frame.device_id, p.frame.counter), None)
+            self._metrics.inc("gateway_store_errors_total")
+            log.error(
+                "events not stored; not acknowledging, callers will repeat",
+                error=str(exc),
+                lost_if_callers_give_up=len(batch),
+                rate_key="append",
+            )
+            await asyncio.sleep(_STORE_RETRY_S)
+            return
+        for device_id, up_to in wanted.items():
+            self._counters.granted(device_id, up_to)
+        for p in batch:
+            frame = p.frame
+            self._pending.pop((frame.device_id, frame.counter), None)
+            self._guard.accept(frame.device_id, frame.counter, frame.mac)
+            self._send_ack(frame, p.link)
+            kind = "key" if isinstance(p.event, KeyPressed) else "heartbeat"
+            self._metrics.inc("gateway_events_stored_total", kind=kind, link=p.link.name)
+        self.stored_events += len(batch)
+        if self._on_event is not None:
+            for p in batch:
+                try:
+                    self._on_event(p.event)
+                except Exception:
+                    self._metrics.inc("gateway_intake_errors_total", link=p.link.name)
+                    log.exception(
+                        "event handler failed", device=p.event.device_id, rate_key="on_event"
+                    )
+
+    # -- feedback to callers -------------------------------------------------------
+
+    async def send_feedback(self, device_id: int, feedback: Feedback) -> bool:
+        """Send LED/buzzer feedback until the caller acknowledges it; True if it did."""
+        key = self._keys(device_id)
+        link = self._routes.get(device_id)
+        if key is None or link is None:
+            self._metrics.inc("gateway_feedback_total", outcome="no_route")
+            return False
+        need = self._counters.shortfall(device_id)
+        if need is not None:
+            await self._store.reserve_downlink(device_id, need)
+            self._counters.granted(device_id, need)
+        counter = self._counters.take(device_id)
+        raw = encode(feedback, device_id=device_id, counter=counter, key=key)
+        flight = _FeedbackInFlight(device_id, raw, counter)
+        self._feedback[(device_id, counter)] = flight
+        try:
+            for _ in range(_FEEDBACK_TRIES):
+                flight.tries += 1
+                self._routes.get(device_id, link).send(device_id, raw)
+                try:
+                    await asyncio.wait_for(flight.acked.wait(), _FEEDBACK_RETRY_S)
+                except TimeoutError:
+                    continue
+                self._metrics.inc("gateway_feedback_total", outcome="acked")
+                return True
+        finally:
+            self._feedback.pop((device_id, counter), None)
+        self._metrics.inc("gateway_feedback_total", outcome="unacknowledged")
+        log.warning(
+            "feedback not acknowledged",
+            device=device_id,
+            state=feedback.state.name,
+            rate_key=device_id,
+        )
+        return False
+
+    def _caller_ack(self, device_id: int, acked_counter: int) -> None:
+        flight = self._feedback.get((device_id, acked_counter))
+        if flight is not None:
+            flight.acked.set()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._metrics.inc("gateway_intake_errors_total", link="-")
+            log.error("intake task failed", error=repr(task.exception()), rate_key="task")
+
+    async def drain(self, grace_s: float) -> bool:
+        """Wait until queued frames are committed (for shutdown); False if it took too long."""
+        try:
+            await asyncio.wait_for(self._queue.join(), grace_s)
+        except TimeoutError:
+            log.error(
+                "shutdown: frames still uncommitted; callers will repeat them",
+                frames=self._queue.qsize(),
+            )
+            return False
+        return True

@@ -1,0 +1,136 @@
+"""Wires the gateway together and runs it: store, intake, links, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from typing import Any
+
+from .clock import WallClock
+from .config import Loaded
+from .events import CallerEvent, HeartbeatReceived, KeyPressed
+from .intake import Intake
+from .links import MqttLink, SerialLink
+from .log import get_logger
+from .metrics import Metrics
+from .store import Store
+
+__all__ = ["SHUTDOWN_GRACE_S", "Gateway"]
+
+log = get_logger("gateway.runtime")
+
+# SIGTERM: frames already received get this long to reach the disk and be
+# acknowledged; systemd's stop timeout is set well above it.
+SHUTDOWN_GRACE_S = 5.0
+
+
+class Gateway:
+    def __init__(self, loaded: Loaded, *, metrics: Metrics | None = None) -> None:
+        self.config = loaded.gateway
+        self.residents = loaded.residents
+        self.metrics = metrics or Metrics()
+        self._keys = {c.id: c.key_bytes for c in self.residents.caller}
+        self.stop_requested = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.store: Store | None = None
+        self.intake: Intake | None = None
+        self.links: list[Any] = []
+
+    def _on_event(self, event: CallerEvent) -> None:
+        if isinstance(event, KeyPressed):
+            self.metrics.inc("gateway_presses_total", key=event.key.name.lower())
+            log.info(
+                "key press stored",
+                device=event.device_id,
+                key=event.key.name.lower(),
+                counter=event.counter,
+                link=event.link,
+            )
+        elif isinstance(event, HeartbeatReceived):
+            log.debug("heartbeat stored", device=event.device_id, battery_mv=event.battery_mv)
+
+    async def run(self) -> None:
+        cfg = self.config
+        store = await Store.open(cfg.store.path, synchronous=cfg.store.synchronous)
+        self.store = store
+        try:
+            intake = Intake(
+                store,
+                self._keys.get,
+                metrics=self.metrics,
+                clock=WallClock(cfg.clock.trust),
+                max_batch=cfg.intake.max_batch,
+                on_event=self._on_event,
+            )
+            await intake.load()
+            self.intake = intake
+            self.links = [SerialLink(s, intake.submit, self.metrics) for s in cfg.links.serial]
+            if cfg.links.mqtt is not None:
+                self.links.append(
+                    MqttLink(
+                        cfg.links.mqtt,
+                        topic_prefix=cfg.topic_prefix,
+                        client_id=cfg.mqtt_client_id,
+                        submit=intake.submit,
+                        metrics=self.metrics,
+                    )
+                )
+            committer = asyncio.create_task(intake.run(), name="intake")
+            link_tasks = [asyncio.create_task(link.run(), name=link.name) for link in self.links]
+            try:
+                await self._wait_ready()
+                self.ready.set()
+                log.info(
+                    "gateway ready",
+                    village=cfg.village.id,
+                    callers=len(self._keys),
+                    links=[link.name for link in self.links],
+                    store=str(cfg.store.path),
+                )
+                await self._until_stopped([committer, *link_tasks])
+            finally:
+                # New frames stop first; what was already received is committed
+                # and acknowledged before the store closes.
+                await _cancel(link_tasks)
+                await intake.drain(SHUTDOWN_GRACE_S)
+                await _cancel([committer])
+        finally:
+            await store.close()
+            log.info("gateway stopped")
+
+    async def _wait_ready(self) -> None:
+        # Links that cannot come up are retried in the background; do not hold
+        # the whole gateway hostage to one unplugged adapter for long.
+        waits = [asyncio.create_task(link.connected.wait()) for link in self.links]
+        _done, pending = await asyncio.wait(waits, timeout=10.0)
+        for task in pending:
+            task.cancel()
+        down = [link.name for link in self.links if not link.up]
+        if down:
+            log.warning("starting with links down; they keep retrying", links=down)
+
+    async def _until_stopped(self, tasks: list[asyncio.Task[Any]]) -> None:
+        stop = asyncio.create_task(self.stop_requested.wait())
+        done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        for task in done:
+            if task is not stop and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._signalled, sig)
+
+    def _signalled(self, sig: signal.Signals) -> None:
+        log.info("stop requested", signal=sig.name)
+        self.stop_requested.set()
+
+
+async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task

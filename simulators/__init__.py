@@ -1,0 +1,1 @@
+"""Device simulators: drive the gateway without hardware, over the real protocol."""
