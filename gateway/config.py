@@ -133,10 +133,14 @@ class LogConfig(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class FilesConfig(_Model):
+    residents: Path = Path("residents.toml")
+
+
 class GatewayFile(_Model):
     village: VillageConfig
     store: StoreConfig = StoreConfig()
-    residents: Path = Path("residents.toml")
+    files: FilesConfig = FilesConfig()
     links: LinksConfig
     intake: IntakeConfig = IntakeConfig()
     clock: ClockConfig = ClockConfig()
@@ -283,7 +287,7 @@ def load(path: Path | str) -> Loaded:
     store = raw.store
     if not store.path.is_absolute():
         store = store.model_copy(update={"path": base / store.path})
-    residents_path = raw.residents if raw.residents.is_absolute() else base / raw.residents
+    residents_path = base / raw.files.residents  # an absolute path stays as it is
     gateway = GatewayConfig(
         source=path,
         village=raw.village,

@@ -65,6 +65,8 @@ class _Pending:
     frame: Frame
     link: Link
     event: CallerEvent
+    # Copies that arrived while the commit was in flight; each gets its ack.
+    repeats: list[Link] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -127,7 +129,7 @@ class Intake:
         self._on_event = on_event
         self._guard = ReplayGuard()
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self._pending: dict[tuple[int, int], bytes] = {}
+        self._pending: dict[tuple[int, int], _Pending] = {}
         self._counters = _DownlinkCounters({})
         self._routes: dict[int, Link] = {}
         self._feedback: dict[tuple[int, int], _FeedbackInFlight] = {}
@@ -199,11 +201,9 @@ class Intake:
             )
             return
         ident = (frame.device_id, frame.counter)
-        if ident in self._pending:
-            # A retransmission of a frame whose commit is in flight: its
-            # acknowledgement is on its way.
-            self._metrics.inc("gateway_duplicate_frames_total", link=link.name)
-            if self._pending[ident] != frame.mac:
+        pending = self._pending.get(ident)
+        if pending is not None:
+            if pending.frame.mac != frame.mac:
                 self._reject(
                     Rejected(
                         Reason.REPLAY,
@@ -214,6 +214,11 @@ class Intake:
                     ),
                     link,
                 )
+                return
+            # A retransmission of a frame whose commit is in flight: it is
+            # acknowledged with the original, once the commit is done.
+            self._metrics.inc("gateway_duplicate_frames_total", link=link.name)
+            pending.repeats.append(link)
             return
         verdict = self._guard.check(frame.device_id, frame.counter, frame.mac)
         if verdict is Verdict.DUPLICATE:
@@ -231,9 +236,9 @@ class Intake:
             self._guard.accept(frame.device_id, frame.counter, frame.mac)
             self._caller_ack(frame.device_id, frame.message.acked_counter)
             return
-        event = self._to_event(frame, link)
-        self._pending[ident] = frame.mac
-        self._queue.put_nowait(_Pending(frame, link, event))
+        item = _Pending(frame, link, self._to_event(frame, link))
+        self._pending[ident] = item
+        self._queue.put_nowait(item)
 
     def _to_event(self, frame: Frame, link: Link) -> CallerEvent:
         now = self._clock.now()
@@ -276,13 +281,20 @@ class Intake:
         )
 
     async def _reack(self, frame: Frame, link: Link) -> None:
-        need = self._counters.shortfall(frame.device_id)
-        if need is not None:
-            await self._store.reserve_downlink(frame.device_id, need)
-            self._counters.granted(frame.device_id, need)
-        self._send_ack(frame, link)
+        await self._reserve(frame.device_id)
+        self._send_ack_now(frame, link)
 
-    def _send_ack(self, frame: Frame, link: Link) -> None:
+    async def _reserve(self, device_id: int) -> None:
+        need = self._counters.shortfall(device_id)
+        if need is not None:
+            await self._store.reserve_downlink(device_id, need)
+            self._counters.granted(device_id, need)
+
+    def _send_ack_now(self, frame: Frame, link: Link) -> None:
+        if self._counters.shortfall(frame.device_id) is not None:
+            # More copies than the batch reserved for: reserve, then send.
+            self._spawn(self._reack(frame, link))
+            return
         key = self._keys(frame.device_id)
         if key is None:  # removed from the residents file since
             return
@@ -313,7 +325,8 @@ class Intake:
         wanted: dict[int, int] = {}
         per_device: dict[int, int] = {}
         for p in batch:
-            per_device[p.frame.device_id] = per_device.get(p.frame.device_id, 0) + 1
+            # Room for the acks of copies that may still arrive before the commit ends.
+            per_device[p.frame.device_id] = per_device.get(p.frame.device_id, 0) + 4
         for device_id, n in per_device.items():
             need = self._counters.shortfall(device_id, n)
             if need is not None:
@@ -340,7 +353,8 @@ class Intake:
             frame = p.frame
             self._pending.pop((frame.device_id, frame.counter), None)
             self._guard.accept(frame.device_id, frame.counter, frame.mac)
-            self._send_ack(frame, p.link)
+            for link in (p.link, *p.repeats):
+                self._send_ack_now(frame, link)
             kind = "key" if isinstance(p.event, KeyPressed) else "heartbeat"
             self._metrics.inc("gateway_events_stored_total", kind=kind, link=p.link.name)
         self.stored_events += len(batch)
@@ -363,10 +377,7 @@ class Intake:
         if key is None or link is None:
             self._metrics.inc("gateway_feedback_total", outcome="no_route")
             return False
-        need = self._counters.shortfall(device_id)
-        if need is not None:
-            await self._store.reserve_downlink(device_id, need)
-            self._counters.granted(device_id, need)
+        await self._reserve(device_id)
         counter = self._counters.take(device_id)
         raw = encode(feedback, device_id=device_id, counter=counter, key=key)
         flight = _FeedbackInFlight(device_id, raw, counter)

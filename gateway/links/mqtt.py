@@ -11,6 +11,7 @@ that can die and leave the gateway deaf.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import socket
 from collections import deque
@@ -128,10 +129,19 @@ class MqttLink:
                         port=self.config.port,
                         client_id=self.client_id,
                     )
-                    async with asyncio.TaskGroup() as tg:
-                        tg.create_task(self._publisher(client))
-                        async for message in client.messages:
-                            self._received(message)
+                    try:
+                        async with asyncio.TaskGroup() as tg:
+                            tg.create_task(self._publisher(client))
+                            async for message in client.messages:
+                                self._received(message)
+                    except asyncio.CancelledError:
+                        # A clean stop sends no last will, so say it ourselves.
+                        with contextlib.suppress(Exception):
+                            async with asyncio.timeout(1.0):
+                                await client.publish(
+                                    self.topics.gateway_status, b"offline", qos=1, retain=True
+                                )
+                        raise
                     # The message iterator ends only when the connection does.
                     raise aiomqtt.MqttError("message stream ended")
             except* aiomqtt.MqttError as group:

@@ -1,0 +1,284 @@
+"""The daemon as systemd runs it: a subprocess, driven by the caller simulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ..conftest import REPO, Broker, PtyPair, write_config
+
+pytestmark = pytest.mark.e2e
+
+
+class Daemon:
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "--config", str(config)],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def events(self) -> list[dict[str, object]]:
+        out = []
+        for line in list(self.lines):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+    def wait_for(self, event: str, timeout: float = 15.0) -> dict[str, object]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for e in self.events():
+                if e.get("event") == event:
+                    return e
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"daemon never logged {event!r}; it said:\n{''.join(self.lines)}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+@pytest.fixture
+def daemon_factory() -> Iterator[list[Daemon]]:
+    started: list[Daemon] = []
+    yield started
+    for d in started:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+
+
+def simulate(config: Path, *args: str, state: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "simulators.caller",
+            "--config",
+            str(config),
+            "--state-dir",
+            str(state),
+            *args,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def journal(db: Path) -> list[tuple[int, int, str, int | None, str]]:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return conn.execute(
+            "SELECT device_id, counter, kind, key, link FROM events ORDER BY id"
+        ).fetchall()
+
+
+def test_presses_over_serial_and_mqtt_reach_the_journal(
+    tmp_path, pty_pair: PtyPair, broker: Broker, daemon_factory
+):
+    cfg = write_config(
+        tmp_path, serial_port=pty_pair.gateway_port, mqtt_port=broker.port, village="e2e"
+    )
+    daemon = Daemon(cfg)
+    daemon_factory.append(daemon)
+    daemon.wait_for("gateway ready")
+    state = tmp_path / "sim"
+
+    r = simulate(
+        cfg, "--device", "1001", "--serial", str(pty_pair.device_port), "--key", "call", state=state
+    )
+    assert r.returncode == 0, r.stderr
+    assert "call acknowledged" in r.stdout
+
+    r = simulate(
+        cfg, "--device", "1002", "--mqtt", f"127.0.0.1:{broker.port}", "--key", "down", state=state
+    )
+    assert r.returncode == 0, r.stderr
+
+    r = simulate(
+        cfg,
+        "--many",
+        "20",
+        "--rate",
+        "40",
+        "--duration",
+        "2",
+        "--heartbeat",
+        "1",
+        "--mqtt",
+        f"127.0.0.1:{broker.port}",
+        state=state,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    load = json.loads(r.stdout)
+    assert load["presses"] > 0
+    assert load["not_acknowledged"] == 0
+
+    assert daemon.stop() == 0
+    daemon.wait_for("gateway stopped")
+    rows = journal(tmp_path / "gateway.db")
+    assert rows[0] == (1001, 1, "key", 1, "serial:bus1")
+    assert rows[1] == (1002, 1, "key", 4, "mqtt")
+    presses = [r for r in rows[2:] if r[2] == "key"]
+    assert len(presses) == load["presses"]  # each acknowledged press exactly once
+    assert len({(r[0], r[1]) for r in rows}) == len(rows)
+
+
+def test_kill_9_loses_no_acknowledged_press(tmp_path, pty_pair: PtyPair, daemon_factory):
+    cfg = write_config(tmp_path, serial_port=pty_pair.gateway_port)
+    state = tmp_path / "sim"
+    daemon = Daemon(cfg)
+    daemon_factory.append(daemon)
+    daemon.wait_for("gateway ready")
+    for device in ("1005", "1006"):
+        r = simulate(
+            cfg,
+            "--device",
+            device,
+            "--serial",
+            str(pty_pair.device_port),
+            "--key",
+            "call",
+            state=state,
+        )
+        assert r.returncode == 0, r.stderr
+    daemon.stop(signal.SIGKILL)
+
+    restarted = Daemon(cfg)
+    daemon_factory.append(restarted)
+    restarted.wait_for("gateway ready")
+    r = simulate(
+        cfg, "--device", "1005", "--serial", str(pty_pair.device_port), "--key", "up", state=state
+    )
+    assert r.returncode == 0, r.stderr
+    assert restarted.stop() == 0
+    rows = journal(tmp_path / "gateway.db")
+    assert [(d, k) for d, _c, _kind, k, _l in rows] == [(1005, 1), (1006, 1), (1005, 3)]
+
+
+def test_killed_gateway_is_reported_offline_by_its_last_will(
+    tmp_path, broker: Broker, daemon_factory
+):
+    cfg = write_config(tmp_path, mqtt_port=broker.port, village="will9")
+    daemon = Daemon(cfg)
+    daemon_factory.append(daemon)
+    daemon.wait_for("gateway ready")
+    daemon.stop(signal.SIGKILL)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"""
+import asyncio, aiomqtt
+async def main():
+    async with aiomqtt.Client("127.0.0.1", {broker.port}) as c:
+        await c.subscribe("onetouch/will9/gateway/status", qos=1)
+        async for m in c.messages:
+            if m.payload == b"offline":
+                print("offline"); return
+asyncio.run(asyncio.wait_for(main(), 20))
+""",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.stdout.strip() == "offline", out.stderr
+
+
+def test_simulator_says_clearly_when_nobody_answers(tmp_path, pty_pair: PtyPair):
+    cfg = write_config(tmp_path, serial_port=pty_pair.gateway_port)
+    r = simulate(
+        cfg,
+        "--device",
+        "1001",
+        "--serial",
+        str(pty_pair.device_port),
+        "--key",
+        "call",
+        "--timeout",
+        "2",
+        state=tmp_path / "sim",
+    )
+    assert r.returncode == 1
+    assert "NOT acknowledged" in r.stderr
+
+
+def test_broken_config_is_refused_with_file_field_and_value(tmp_path):
+    bad = tmp_path / "gateway.toml"
+    bad.write_text(
+        '[village]\nid = "Bad Village!"\ntimezone = "Mars/Olympus"\n\n[links.mqtt]\nport = 70000\n'
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", "--config", str(bad)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 1
+    assert f"{bad}: village.id:" in r.stderr
+    assert "'Bad Village!'" in r.stderr
+    assert "village.timezone: unknown time zone 'Mars/Olympus'" in r.stderr
+    assert "links.mqtt.port:" in r.stderr
+    assert "70000" in r.stderr
+    run = subprocess.run(
+        [sys.executable, "-m", "gateway", "run", "--config", str(bad)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert run.returncode == 78  # EX_CONFIG: systemd must not restart-loop on it
+    assert "village.id" in run.stderr
+
+    good = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "check-config",
+            "--config",
+            str(REPO / "config" / "gateway.toml"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert good.returncode == 0, good.stderr
+    assert "callers: 36" in good.stdout
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ONETOUCH_CONFIG", raising=False)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
