@@ -121,6 +121,24 @@ class FrameDecoder:
             out.append(_interpret(raw, version, type_code, device_id, counter, length))
         return out
 
+    def idle(self) -> list[Frame | Rejected]:
+        """The line has gone quiet with a partial frame buffered.
+
+        A frame cut short by a collision may carry a length field that promises
+        more bytes than will ever come, holding back a good frame that follows
+        it.  Since no sender pauses inside a frame, silence means the buffered
+        candidate is dead: drop its first byte and hunt again.
+        """
+        out: list[Frame | Rejected] = []
+        while self._buf:
+            out.append(
+                Rejected(Reason.TRUNCATED, bytes(self._buf[:HEADER_LEN]),
+                         f"line went quiet {len(self._buf)} bytes into a frame")
+            )
+            del self._buf[:1]
+            out.extend(self.feed(b""))
+        return out
+
     def flush(self) -> list[Rejected]:
         """Report and drop a partial frame, e.g. when the port closes."""
         if not self._buf:

@@ -174,7 +174,33 @@ _HB_EXTERNAL_POWER = 0x01
 _HB_LOW_BATTERY = 0x02
 
 
+def _check_range(what: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise ValueError(f"{what} {value} is outside {low}..{high}")
+
+
+def _check(message: Message) -> None:
+    """Refuse to encode what a receiver would reject or misread."""
+    if isinstance(message, KeyPress):
+        Key(message.key)
+    elif isinstance(message, Heartbeat):
+        _check_range("battery_mv", message.battery_mv, 0, 0xFFFF)
+        if message.battery_pct is not None:
+            _check_range("battery_pct", message.battery_pct, 0, 100)
+        if message.signal_dbm is not None:
+            _check_range("signal_dbm", message.signal_dbm, -127, 127)
+    elif isinstance(message, Ack | CallerAck):
+        _check_range("acked_counter", message.acked_counter, 0, MAX_COUNTER)
+    elif isinstance(message, Feedback):
+        CallerState(message.state)
+        LedColor(message.led_color)
+        LedPattern(message.led_pattern)
+        Buzzer(message.buzzer)
+        _check_range("hold_s", message.hold_s, 0, 0xFFFF)
+
+
 def _payload(message: Message) -> bytes:
+    _check(message)
     if isinstance(message, KeyPress):
         return bytes((int(message.key),))
     if isinstance(message, Heartbeat):

@@ -13,6 +13,10 @@ class Verdict(Enum):
     NEW = "new"  # higher than anything accepted from this device
     DUPLICATE = "duplicate"  # a retransmission of a frame already accepted
     REPLAY = "replay"  # an old counter, or a known counter with other content
+    # Below the mark but inside the late window, and not among the recently
+    # accepted frames: new if the receiver's own record has no frame with this
+    # counter, a duplicate if it has this one, a replay otherwise.
+    LATE = "late"
 
 
 class ReplayGuard:
@@ -23,12 +27,20 @@ class ReplayGuard:
     again without a second event.  Any other frame whose counter is not above
     the high-water mark is a REPLAY.  The last ``window`` accepted frames of
     each device are remembered to tell the two apart.
+
+    With ``late_window`` > 0, a counter up to that far below the mark is LATE
+    rather than a replay: a frame lost on its first transmission and repeated
+    after a later frame got through.  Only a receiver that keeps a record of
+    every accepted counter (the gateway's journal) can accept it safely.
     """
 
-    def __init__(self, window: int = 16) -> None:
+    def __init__(self, window: int = 16, late_window: int = 0) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
+        if late_window < 0:
+            raise ValueError("late_window must not be negative")
         self._window = window
+        self._late = late_window
         self._high: dict[int, int] = {}
         self._recent: dict[int, OrderedDict[int, bytes]] = {}
 
@@ -41,8 +53,11 @@ class ReplayGuard:
             seen = recent.get(counter)
             if seen is not None:
                 return Verdict.DUPLICATE if seen == mac else Verdict.REPLAY
-        if counter > self._high.get(device_id, 0):
+        high = self._high.get(device_id, 0)
+        if counter > high:
             return Verdict.NEW
+        if counter > high - self._late:
+            return Verdict.LATE
         return Verdict.REPLAY
 
     def accept(self, device_id: int, counter: int, mac: bytes) -> None:
