@@ -42,6 +42,9 @@ __all__ = ["Intake", "KeyRing", "Link"]
 log = get_logger("gateway.intake")
 
 _DOWNLINK_BLOCK = 1024
+# A press whose first copy was lost may be repeated after later frames from
+# the same caller got through; accept it if it is at most this far behind.
+LATE_WINDOW = 64
 _FEEDBACK_TRIES = 4
 _FEEDBACK_RETRY_S = 2.0
 _STORE_RETRY_S = 1.0
@@ -67,15 +70,6 @@ class _Pending:
     event: CallerEvent
     # Copies that arrived while the commit was in flight; each gets its ack.
     repeats: list[Link] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class _FeedbackInFlight:
-    device_id: int
-    frame: bytes
-    counter: int
-    tries: int = 0
-    acked: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class _DownlinkCounters:
@@ -127,12 +121,12 @@ class Intake:
         self._clock = clock
         self._max_batch = max_batch
         self._on_event = on_event
-        self._guard = ReplayGuard()
+        self._guard = ReplayGuard(late_window=LATE_WINDOW)
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._pending: dict[tuple[int, int], _Pending] = {}
         self._counters = _DownlinkCounters({})
         self._routes: dict[int, Link] = {}
-        self._feedback: dict[tuple[int, int], _FeedbackInFlight] = {}
+        self._feedback: dict[tuple[int, int], asyncio.Event] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.stored_events = 0
 
@@ -226,18 +220,22 @@ class Intake:
             self._routes[frame.device_id] = link
             self._spawn(self._reack(frame, link))
             return
-        if verdict is Verdict.REPLAY:
-            # Not in the recent window: the journal decides whether it is a
-            # retransmission of something stored long ago or a replay.
-            self._spawn(self._check_old(frame, link))
+        if verdict is not Verdict.NEW:
+            # Below the mark and not in the recent window: the journal decides
+            # whether it is a repeat of something stored long ago, a late
+            # first arrival, or a replay.
+            self._spawn(self._check_old(frame, link, late=verdict is Verdict.LATE))
             return
+        self._accept_new(frame, link)
+
+    def _accept_new(self, frame: Frame, link: Link) -> None:
         self._routes[frame.device_id] = link
         if isinstance(frame.message, CallerAck):
             self._guard.accept(frame.device_id, frame.counter, frame.mac)
             self._caller_ack(frame.device_id, frame.message.acked_counter)
             return
         item = _Pending(frame, link, self._to_event(frame, link))
-        self._pending[ident] = item
+        self._pending[(frame.device_id, frame.counter)] = item
         self._queue.put_nowait(item)
 
     def _to_event(self, frame: Frame, link: Link) -> CallerEvent:
@@ -261,23 +259,33 @@ class Intake:
             )
         raise TypeError(f"no event for {type(msg).__name__}")
 
-    async def _check_old(self, frame: Frame, link: Link) -> None:
+    async def _check_old(self, frame: Frame, link: Link, *, late: bool) -> None:
         mac = await self._store.frame_mac(frame.device_id, frame.counter)
         if mac is not None and mac == frame.mac:
             self._metrics.inc("gateway_duplicate_frames_total", link=link.name)
             self._routes[frame.device_id] = link
             await self._reack(frame, link)
             return
+        if mac is None and late:
+            # The journal was asked with an await; another copy may have been
+            # taken meanwhile.  If so, the ordinary path now knows what it is.
+            ident = (frame.device_id, frame.counter)
+            verdict = self._guard.check(frame.device_id, frame.counter, frame.mac)
+            if ident in self._pending or verdict is not Verdict.LATE:
+                self._frame(frame, link)
+                return
+            self._metrics.inc("gateway_late_frames_total", link=link.name)
+            self._accept_new(frame, link)
+            return
         high = self._guard.high_water(frame.device_id)
+        detail = (
+            f"counter {frame.counter} was already used with other content"
+            if mac is not None
+            else f"counter {frame.counter} is more than {LATE_WINDOW} below {high}, "
+            "the last accepted"
+        )
         self._reject(
-            Rejected(
-                Reason.REPLAY,
-                frame.raw,
-                f"counter {frame.counter} is not above {high}, the last accepted",
-                frame.device_id,
-                frame.counter,
-            ),
-            link,
+            Rejected(Reason.REPLAY, frame.raw, detail, frame.device_id, frame.counter), link
         )
 
     async def _reack(self, frame: Frame, link: Link) -> None:
@@ -371,29 +379,36 @@ class Intake:
     # -- feedback to callers -------------------------------------------------------
 
     async def send_feedback(self, device_id: int, feedback: Feedback) -> bool:
-        """Send LED/buzzer feedback until the caller acknowledges it; True if it did."""
+        """Send LED/buzzer feedback until the caller acknowledges it; True if it did.
+
+        Each repeat carries a fresh counter (SPEC.md 9): a caller that showed the
+        first copy but whose CALLER_ACK was lost would reject a byte-identical
+        repeat as a replay and never answer it.
+        """
         key = self._keys(device_id)
-        link = self._routes.get(device_id)
-        if key is None or link is None:
+        if key is None or device_id not in self._routes:
             self._metrics.inc("gateway_feedback_total", outcome="no_route")
             return False
-        await self._reserve(device_id)
-        counter = self._counters.take(device_id)
-        raw = encode(feedback, device_id=device_id, counter=counter, key=key)
-        flight = _FeedbackInFlight(device_id, raw, counter)
-        self._feedback[(device_id, counter)] = flight
+        acked = asyncio.Event()
+        used: list[int] = []
         try:
             for _ in range(_FEEDBACK_TRIES):
-                flight.tries += 1
-                self._routes.get(device_id, link).send(device_id, raw)
+                await self._reserve(device_id)
+                counter = self._counters.take(device_id)
+                used.append(counter)
+                self._feedback[(device_id, counter)] = acked
+                raw = encode(feedback, device_id=device_id, counter=counter, key=key)
+                if not self._routes[device_id].send(device_id, raw):
+                    self._metrics.inc("gateway_downlink_dropped_total", link="-", kind="feedback")
                 try:
-                    await asyncio.wait_for(flight.acked.wait(), _FEEDBACK_RETRY_S)
+                    await asyncio.wait_for(acked.wait(), _FEEDBACK_RETRY_S)
                 except TimeoutError:
                     continue
                 self._metrics.inc("gateway_feedback_total", outcome="acked")
                 return True
         finally:
-            self._feedback.pop((device_id, counter), None)
+            for counter in used:
+                self._feedback.pop((device_id, counter), None)
         self._metrics.inc("gateway_feedback_total", outcome="unacknowledged")
         log.warning(
             "feedback not acknowledged",
@@ -404,9 +419,9 @@ class Intake:
         return False
 
     def _caller_ack(self, device_id: int, acked_counter: int) -> None:
-        flight = self._feedback.get((device_id, acked_counter))
-        if flight is not None:
-            flight.acked.set()
+        acked = self._feedback.get((device_id, acked_counter))
+        if acked is not None:
+            acked.set()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -132,6 +132,7 @@ class SimCaller:
         self.led = (LedColor.OFF, LedPattern.OFF)
         self.retransmissions = 0
         self.rejected_downlink = 0
+        self._held_caller_ack: int | None = None
 
     def _frame(self, message: Message) -> tuple[int, bytes]:
         counter = self._counters.next_up(self.device_id)
@@ -163,8 +164,13 @@ class SimCaller:
                     await asyncio.sleep(delay)
             finally:
                 self._waiting.pop(counter, None)
+                held, self._held_caller_ack = self._held_caller_ack, None
+                if held is not None:
+                    await self._send_caller_ack(held)
 
     async def heartbeat(self, battery_mv: int = 3000, battery_pct: int | None = 87) -> None:
+        if self._press_lock.locked():
+            return  # SPEC.md 10.2 rule 3: the repeated press shows we are alive
         _, frame = self._frame(
             Heartbeat(
                 battery_mv,
@@ -175,6 +181,10 @@ class SimCaller:
             )
         )
         await self._send(self.device_id, frame)
+
+    async def _send_caller_ack(self, downlink_counter: int) -> None:
+        _, reply = self._frame(CallerAck(downlink_counter))
+        await self._send(self.device_id, reply)
 
     def received(self, frame: Frame) -> None:
         """A downlink frame addressed to this caller."""
@@ -194,9 +204,14 @@ class SimCaller:
         elif isinstance(msg, Feedback):
             self.state = msg.state
             self.led = (msg.led_color, msg.led_pattern)
-            _, reply = self._frame(CallerAck(frame.counter))
-            task = asyncio.get_running_loop().create_task(self._send(self.device_id, reply))
-            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+            if self._press_lock.locked():
+                # SPEC.md 10.2 rule 3: nothing else goes out while a press waits.
+                self._held_caller_ack = frame.counter
+            else:
+                task = asyncio.get_running_loop().create_task(
+                    self._send_caller_ack(frame.counter)
+                )
+                task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
             if self._on_feedback is not None:
                 self._on_feedback(self, msg)
 

@@ -31,6 +31,10 @@ class _Protocol(asyncio.Protocol):
     def __init__(self, link: SerialLink) -> None:
         self._link = link
         self._decoder = FrameDecoder()
+        self._idle_timer: asyncio.TimerHandle | None = None
+        # SPEC.md 13.1: 20 character times of silence end any frame; a floor
+        # keeps scheduling jitter at high baud rates from cutting frames short.
+        self._idle_s = max(0.010, 20 * 10 / link.config.baudrate)
         self.closed: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
 
     def data_received(self, data: bytes) -> None:
@@ -43,12 +47,25 @@ class _Protocol(asyncio.Protocol):
                 "decoder failed; buffer reset", link=self._link.name, rate_key=self._link.name
             )
             return
+        self._deliver(items)
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        if self._decoder.buffered:
+            self._idle_timer = asyncio.get_running_loop().call_later(self._idle_s, self._idle)
+
+    def _idle(self) -> None:
+        self._idle_timer = None
+        self._deliver(self._decoder.idle())
+
+    def _deliver(self, items: list[Frame | Rejected]) -> None:
         for item in items:
             self._link.submit(item, self._link)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for item in self._decoder.flush():
-            self._link.submit(item, self._link)
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        self._deliver(list(self._decoder.flush()))
         if not self.closed.done():
             self.closed.set_result(exc)
 
