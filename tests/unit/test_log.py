@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import pytest
+import structlog
+
+from gateway.log import RateLimiter
+
+
+def test_repeated_warning_is_rate_limited_and_counted():
+    now = [0.0]
+    limiter = RateLimiter(window_s=60, clock=lambda: now[0])
+
+    def log(event: str, key: str) -> dict[str, object] | None:
+        try:
+            return dict(limiter(None, "warning", {"event": event, "rate_key": key}))
+        except structlog.DropEvent:
+            return None
+
+    assert log("frame rejected", "a") == {"event": "frame rejected"}
+    for _ in range(9_999):
+        assert log("frame rejected", "a") is None
+    # Another caller's fault is not hidden by the first one's.
+    assert log("frame rejected", "b") == {"event": "frame rejected"}
+    now[0] = 61.0
+    assert log("frame rejected", "a") == {"event": "frame rejected", "suppressed": 9_999}
+
+
+def test_lines_without_rate_key_pass():
+    limiter = RateLimiter()
+    for _ in range(3):
+        assert limiter(None, "info", {"event": "x"}) == {"event": "x"}
+
+
+def test_memory_stays_bounded():
+    limiter = RateLimiter()
+    for i in range(25_000):
+        limiter(None, "warning", {"event": "e", "rate_key": i})
+    assert len(limiter._state) <= 10_001
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog():
+    yield
+    structlog.reset_defaults()
