@@ -11,15 +11,17 @@ cd "$(dirname "$0")"
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 install() {
-    local sudo="" packages=()
+    local sudo="" packages=() tool
+    local tools=(mosquitto socat "$@")
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
         echo "Python 3.11 or newer is needed (Debian 12 / Raspberry Pi OS bookworm have it)." >&2
         exit 1
     fi
     python3 -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv)
-    command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || packages+=(mosquitto)
-    command -v socat >/dev/null || packages+=(socat)
+    for tool in "${tools[@]}"; do
+        command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || packages+=("$tool")
+    done
     if [ ${#packages[@]} -gt 0 ]; then
         say "installing Debian packages: ${packages[*]}"
         $sudo apt-get update -q
@@ -52,7 +54,7 @@ case "${1:-}" in
         exec .venv/bin/python -m simulators.village "$@"
         ;;
     test)
-        install
+        install gcc  # the tests compile the C reference code in SPEC.md
         shift
         say "ruff"
         .venv/bin/ruff check --output-format concise .
