@@ -14,6 +14,7 @@ from .intake import Intake
 from .links import MqttLink, SerialLink
 from .log import get_logger
 from .metrics import Metrics
+from .sdnotify import Notifier
 from .store import Store
 
 __all__ = ["SHUTDOWN_GRACE_S", "Gateway"]
@@ -26,8 +27,11 @@ SHUTDOWN_GRACE_S = 5.0
 
 
 class Gateway:
-    def __init__(self, loaded: Loaded, *, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, loaded: Loaded, *, metrics: Metrics | None = None, notifier: Notifier | None = None
+    ) -> None:
         self.config = loaded.gateway
+        self.notifier = notifier or Notifier()
         self.residents = loaded.residents
         self.metrics = metrics or Metrics()
         self._keys = {c.id: c.key_bytes for c in self.residents.caller}
@@ -88,7 +92,13 @@ class Gateway:
                     links=[link.name for link in self.links],
                     store=str(cfg.store.path),
                 )
-                await self._until_stopped([committer, *link_tasks])
+                self.notifier.notify(ready=1, status=self.status_line())
+                supervision = asyncio.create_task(self._supervise(), name="supervise")
+                try:
+                    await self._until_stopped([committer, *link_tasks, supervision])
+                finally:
+                    self.notifier.notify(stopping=1, status="stopping")
+                    await _cancel([supervision])
             finally:
                 # New frames stop first; what was already received is committed
                 # and acknowledged before the store closes.
@@ -98,6 +108,35 @@ class Gateway:
         finally:
             await store.close()
             log.info("gateway stopped")
+
+    def status_line(self) -> str:
+        up = [link.name for link in self.links if link.up]
+        down = [link.name for link in self.links if not link.up]
+        stored = self.intake.stored_events if self.intake is not None else 0
+        text = f"links up: {', '.join(up) or 'none'}"
+        if down:
+            text += f"; DOWN: {', '.join(down)}"
+        return f"{text}; events stored since start: {stored}"
+
+    async def _supervise(self) -> None:
+        """Watchdog pings and the status line, from the event loop itself.
+
+        The pings come from a coroutine, not a thread, so that a blocked loop
+        stops them and systemd restarts the gateway.
+        """
+        watchdog = self.notifier.watchdog_interval_s
+        period = min(watchdog, 10.0) if watchdog is not None else 10.0
+        last_status = ""
+        while True:
+            fields: dict[str, str | int] = {}
+            if watchdog is not None:
+                fields["watchdog"] = 1
+            status = self.status_line()
+            if status != last_status:
+                fields["status"] = last_status = status
+            if fields:
+                self.notifier.notify(**fields)
+            await asyncio.sleep(period)
 
     async def _wait_ready(self) -> None:
         # Links that cannot come up are retried in the background; do not hold
