@@ -96,7 +96,7 @@ class MqttLink:
 
     def _client(self) -> aiomqtt.Client:
         cfg = self.config
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             cfg.host,
             cfg.port,
             identifier=self.client_id,
@@ -111,6 +111,9 @@ class MqttLink:
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             timeout=10,
         )
+        # Up to _PUBLISHES_IN_FLIGHT acknowledgements are in flight by design.
+        client.pending_calls_threshold = _PUBLISHES_IN_FLIGHT + 16
+        return client
 
     async def run(self) -> None:
         backoff = Backoff(self.config.reconnect_min_s, self.config.reconnect_max_s)

@@ -1,0 +1,166 @@
+"""Shared scaffolding for benchmarks: a private broker, a pty bus, the real daemon."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def machine() -> dict[str, object]:
+    return {
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "system": f"{platform.system()} {platform.release()}",
+    }
+
+
+def write_residents(path: Path, n: int) -> dict[int, bytes]:
+    keys = {1_000_000 + i: hashlib.sha256(f"bench-{i}".encode()).digest()[:16] for i in range(n)}
+    lines = []
+    for device_id, key in keys.items():
+        lines += ["[[caller]]", f"id = {device_id}", f'key = "{key.hex()}"',
+                  f'resident = "resident {device_id}"', ""]
+    path.write_text("\n".join(lines))
+    return keys
+
+
+@dataclass
+class Running:
+    workdir: Path
+    mqtt_port: int
+    bus_tty: Path
+    gateway: subprocess.Popen[bytes]
+    keys: dict[int, bytes]
+    prefix: str = "onetouch/bench"
+
+    @property
+    def db(self) -> Path:
+        return self.workdir / "gateway.db"
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.gateway.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.gateway.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+
+def _find(name: str) -> str:
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if path is None:
+        raise SystemExit(f"{name} is needed: apt-get install {name}")
+    return path
+
+
+@contextlib.contextmanager
+def village(callers: int) -> Iterator[Running]:
+    with tempfile.TemporaryDirectory(prefix="onetouch-bench-") as tmp:
+        work = Path(tmp)
+        port = free_port()
+        (work / "mosquitto.conf").write_text(
+            f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
+            "max_queued_messages 1000000\nmax_inflight_messages 0\n"
+        )
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            procs.append(subprocess.Popen([_find("mosquitto"), "-c", str(work / "mosquitto.conf")],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            gw_tty, bus_tty = work / "ttyGW", work / "ttyBUS"
+            procs.append(subprocess.Popen([_find("socat"), f"pty,raw,echo=0,link={gw_tty}",
+                                           f"pty,raw,echo=0,link={bus_tty}"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            keys = write_residents(work / "residents.toml", callers)
+            (work / "gateway.toml").write_text(
+                '[village]\nid = "bench"\n[store]\npath = "gateway.db"\n'
+                '[files]\nresidents = "residents.toml"\n'
+                f'[[links.serial]]\nname = "bus1"\nport = "{gw_tty}"\nbaudrate = 115200\n'
+                f'[links.mqtt]\nhost = "127.0.0.1"\nport = {port}\n'
+                '[clock]\ntrust = "always"\n[log]\nformat = "json"\nlevel = "warning"\n'
+            )
+            deadline = time.monotonic() + 10
+            while not (gw_tty.exists() and bus_tty.exists()):
+                if time.monotonic() > deadline:
+                    raise SystemExit("socat did not start")
+                time.sleep(0.02)
+            log = (work / "gateway.log").open("wb")
+            gateway = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "run", "--config", str(work / "gateway.toml")],
+                cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            )
+            procs.append(gateway)
+            # At level warning the ready line is not logged; the database and the
+            # broker session tell us instead.
+            _wait_ready(work, gateway, port)
+            yield Running(work, port, bus_tty, gateway, keys)
+        finally:
+            for p in reversed(procs):
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            for p in reversed(procs):
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+def _wait_ready(work: Path, gateway: subprocess.Popen[bytes], port: int) -> None:
+    import aiomqtt  # noqa: F401  (fail early if the environment is wrong)
+
+    deadline = time.monotonic() + 60
+    probe = [sys.executable, "-c",
+             "import asyncio, aiomqtt, sys\n"
+             "async def m():\n"
+             f"    async with aiomqtt.Client('127.0.0.1', {port}) as c:\n"
+             "        await c.subscribe('onetouch/bench/gateway/status', qos=1)\n"
+             "        async for msg in c.messages:\n"
+             "            sys.exit(0 if msg.payload == b'online' else 1)\n"
+             "asyncio.run(asyncio.wait_for(m(), 3))\n"]
+    while time.monotonic() < deadline:
+        if gateway.poll() is not None:
+            raise SystemExit(f"gateway exited: {(work / 'gateway.log').read_text()[-2000:]}")
+        if subprocess.run(probe, capture_output=True).returncode == 0:
+            time.sleep(0.5)  # the serial link opens in parallel
+            return
+        time.sleep(0.2)
+    raise SystemExit("gateway not ready within 60 s")
+
+
+def report(name: str, rows: list[dict[str, object]], extra: dict[str, object]) -> None:
+    out = {"benchmark": name, "machine": machine(), **extra, "rows": rows}
+    results = REPO / "bench" / "results"
+    results.mkdir(exist_ok=True)
+    (results / f"{name}.json").write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
+    if rows:
+        cols = list(rows[0])
+        widths = [max(len(str(c)), *(len(str(r[c])) for r in rows)) for c in cols]
+        print("  ".join(str(c).ljust(w) for c, w in zip(cols, widths, strict=True)))
+        for r in rows:
+            print("  ".join(str(r[c]).ljust(w) for c, w in zip(cols, widths, strict=True)))
+    print(f"machine: {out['machine']}")
+    print(f"written: {results / (name + '.json')}")
