@@ -39,3 +39,50 @@ class HeartbeatReceived(CallerEvent):
     signal_dbm: int | None
     external_power: bool
     low_battery: bool
+
+
+# --- events for the call desk that do not come from a caller ----------------
+# Appended for the call desk (gateway/desk/); see docs/desk.md.
+
+__all__ += ["DeadlineDue", "DeskEvent", "NotifyFailed", "PersonAnswered", "Tick"]
+
+
+@dataclass(frozen=True, slots=True)
+class PersonAnswered:
+    """A person's answer about a case, from the secretary app, an SMS reply or
+    the voice menu.  ``answer`` is one of accept, decline, arrived, resolved."""
+
+    person_id: str
+    case_id: str
+    answer: str
+    note: str = ""
+    at: float = 0.0  # when the person answered (their device's clock), for the record
+
+
+@dataclass(frozen=True, slots=True)
+class DeadlineDue:
+    """The case's timer ran out.  ``due_at`` is the value from the
+    ScheduleDeadline that armed it; a timer that was replaced meanwhile is
+    recognised by it and ignored."""
+
+    case_id: str
+    kind: str
+    due_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Periodic supervision (about once a minute): silent callers, lost timers."""
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyFailed:
+    """A channel could not take a message at once (modem refused the SMS, the
+    app push was rejected).  Not for unanswered messages: those are timeouts."""
+
+    person_id: str
+    case_id: str | None
+    channel: str
+
+
+DeskEvent = KeyPressed | HeartbeatReceived | PersonAnswered | DeadlineDue | Tick | NotifyFailed
