@@ -12,6 +12,7 @@ arrive while a commit is in flight are committed together in the next one
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -46,7 +47,7 @@ _DOWNLINK_BLOCK = 1024
 # the same caller got through; accept it if it is at most this far behind.
 LATE_WINDOW = 64
 _FEEDBACK_TRIES = 4
-_FEEDBACK_RETRY_S = 2.0
+_FEEDBACK_ACK_TIMEOUT_S = 1.0
 _STORE_RETRY_S = 1.0
 
 
@@ -392,7 +393,11 @@ class Intake:
         acked = asyncio.Event()
         used: list[int] = []
         try:
-            for _ in range(_FEEDBACK_TRIES):
+            for attempt in range(_FEEDBACK_TRIES):
+                if attempt:
+                    # The caller's own repeat rule (SPEC.md 10.2), so a busy bus recovers.
+                    delay = min(8.0, 0.5 * 2 ** (attempt - 1))
+                    await asyncio.sleep(delay + random.uniform(0, delay / 2))
                 await self._reserve(device_id)
                 counter = self._counters.take(device_id)
                 used.append(counter)
@@ -401,7 +406,7 @@ class Intake:
                 if not self._routes[device_id].send(device_id, raw):
                     self._metrics.inc("gateway_downlink_dropped_total", link="-", kind="feedback")
                 try:
-                    await asyncio.wait_for(acked.wait(), _FEEDBACK_RETRY_S)
+                    await asyncio.wait_for(acked.wait(), _FEEDBACK_ACK_TIMEOUT_S)
                 except TimeoutError:
                     continue
                 self._metrics.inc("gateway_feedback_total", outcome="acked")
