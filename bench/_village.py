@@ -41,7 +41,7 @@ def write_residents(path: Path, n: int) -> dict[int, bytes]:
     lines = []
     for device_id, key in keys.items():
         lines += ["[[caller]]", f"id = {device_id}", f'key = "{key.hex()}"',
-                  f'resident = "resident {device_id}"', ""]
+                  f'resident = "resident {device_id}"', 'grid = "grid-1"', ""]
     path.write_text("\n".join(lines))
     return keys
 
@@ -98,7 +98,8 @@ def village(callers: int) -> Iterator[Running]:
             keys = write_residents(work / "residents.toml", callers)
             (work / "gateway.toml").write_text(
                 '[village]\nid = "bench"\n[store]\npath = "gateway.db"\n'
-                '[files]\nresidents = "residents.toml"\n'
+                f'[files]\nresidents = "residents.toml"\npeople = "{REPO / "config/people.toml"}"\n'
+                f'roster = "{REPO / "config/roster.toml"}"\n'
                 f'[[links.serial]]\nname = "bus1"\nport = "{gw_tty}"\nbaudrate = 115200\n'
                 f'[links.mqtt]\nhost = "127.0.0.1"\nport = {port}\n'
                 '[clock]\ntrust = "always"\n[log]\nformat = "json"\nlevel = "warning"\n'

@@ -49,7 +49,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     if gw.links.mqtt is not None:
         links.append(f"mqtt {gw.links.mqtt.host}:{gw.links.mqtt.port} ({gw.topic_prefix})")
     print(f"OK: {gw.source}")
-    print(f"  village: {gw.village.id} {gw.village.name} ({gw.village.timezone})")
+    print(f"  village: {gw.village.id} {gw.village.name}")
     print(f"  callers: {len(loaded.residents.caller)} in {gw.residents_path}")
     print(f"  links: {', '.join(links)}")
     print(f"  store: {gw.store.path}")

@@ -8,8 +8,9 @@ so a copied config directory keeps working wherever it is put.
 from __future__ import annotations
 
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -21,6 +22,9 @@ from pydantic import (
 )
 
 from firmware_protocol import KEY_LEN
+
+if TYPE_CHECKING:
+    from .desk import Village
 
 __all__ = [
     "Caller",
@@ -50,18 +54,7 @@ class _Model(BaseModel):
 class VillageConfig(_Model):
     id: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
     name: str = ""
-    timezone: str = "Asia/Shanghai"
-
-    @field_validator("timezone")
-    @classmethod
-    def _known_zone(cls, value: str) -> str:
-        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {value!r}") from None
-        return value
+    # The time zone belongs to the roster (roster.toml): one place only.
 
 
 class StoreConfig(_Model):
@@ -135,6 +128,8 @@ class LogConfig(_Model):
 
 class FilesConfig(_Model):
     residents: Path = Path("residents.toml")
+    people: Path = Path("people.toml")
+    roster: Path = Path("roster.toml")
 
 
 class GatewayFile(_Model):
@@ -196,6 +191,8 @@ class GatewayConfig(_Model):
     village: VillageConfig
     store: StoreConfig
     residents_path: Path
+    people_path: Path
+    roster_path: Path
     links: LinksConfig
     intake: IntakeConfig
     clock: ClockConfig
@@ -216,9 +213,11 @@ class GatewayConfig(_Model):
         return f"onetouch-gateway-{self.village.id}"
 
 
-class Loaded(_Model):
+@dataclass(frozen=True)
+class Loaded:
     gateway: GatewayConfig
     residents: ResidentsFile
+    village: Village  # people, roster and callers as the desk sees them
 
 
 def _describe(exc: ValidationError, file: Path, data: Any) -> list[str]:
@@ -287,15 +286,30 @@ def load(path: Path | str) -> Loaded:
     store = raw.store
     if not store.path.is_absolute():
         store = store.model_copy(update={"path": base / store.path})
-    residents_path = base / raw.files.residents  # an absolute path stays as it is
+    # An absolute path stays as it is.
+    residents_path = base / raw.files.residents
+    people_path = base / raw.files.people
+    roster_path = base / raw.files.roster
     gateway = GatewayConfig(
         source=path,
         village=raw.village,
         store=store,
         residents_path=residents_path,
+        people_path=people_path,
+        roster_path=roster_path,
         links=raw.links,
         intake=raw.intake,
         clock=raw.clock,
         log=raw.log,
     )
-    return Loaded(gateway=gateway, residents=load_residents(residents_path))
+    residents = load_residents(residents_path)
+    from .village import load_village  # it imports this module's helpers
+
+    village = load_village(
+        people_path,
+        roster_path,
+        residents,
+        name=raw.village.name or raw.village.id,
+        residents_source=str(residents_path),
+    )
+    return Loaded(gateway=gateway, residents=residents, village=village)

@@ -15,7 +15,7 @@ import asyncio
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from firmware_protocol import (
     Ack,
@@ -33,10 +33,13 @@ from firmware_protocol import (
 )
 
 from .clock import WallClock
-from .events import CallerEvent, HeartbeatReceived, KeyPressed
+from .events import CallerEvent, DeskEvent, HeartbeatReceived, KeyPressed
 from .log import get_logger
 from .metrics import Metrics
 from .store import Store, StoreError
+
+if TYPE_CHECKING:
+    from .dispatch import Dispatcher
 
 __all__ = ["Intake", "KeyRing", "Link"]
 
@@ -123,7 +126,9 @@ class Intake:
         self._max_batch = max_batch
         self._on_event = on_event
         self._guard = ReplayGuard(late_window=LATE_WINDOW)
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Pending | DeskEvent] = asyncio.Queue()
+        self._dispatcher: Dispatcher | None = None
+        self.links: list[Link] = []  # every link, for callers whose route is unknown
         self._pending: dict[tuple[int, int], _Pending] = {}
         self._counters = _DownlinkCounters({})
         self._routes: dict[int, Link] = {}
@@ -319,7 +324,7 @@ class Intake:
     # -- the committer -------------------------------------------------------------
 
     async def run(self) -> None:
-        """Commit queued frames in groups, then acknowledge them.  Runs until cancelled."""
+        """Commit queued items in groups, then act on them.  Runs until cancelled."""
         while True:
             batch = [await self._queue.get()]
             while len(batch) < self._max_batch and not self._queue.empty():
@@ -330,35 +335,61 @@ class Intake:
                 for _ in batch:
                     self._queue.task_done()
 
-    async def _commit(self, batch: list[_Pending]) -> None:
+    def submit_event(self, event: DeskEvent) -> None:
+        """Queue an event that did not come from a caller (an answer, a timer).
+
+        It is committed with the callers' events, in arrival order, so the desk
+        sees one sequence of events and each of its decisions is on disk before
+        anybody hears of it.
+        """
+        self._queue.put_nowait(event)
+
+    def attach(self, dispatcher: Dispatcher) -> None:
+        self._dispatcher = dispatcher
+        dispatcher.connect(self.submit_event)
+
+    async def _commit(self, batch: list[_Pending | DeskEvent]) -> None:
+        frames = [p for p in batch if isinstance(p, _Pending)]
         wanted: dict[int, int] = {}
         per_device: dict[int, int] = {}
-        for p in batch:
+        for p in frames:
             # Room for the acks of copies that may still arrive before the commit ends.
             per_device[p.frame.device_id] = per_device.get(p.frame.device_id, 0) + 4
         for device_id, n in per_device.items():
             need = self._counters.shortfall(device_id, n)
             if need is not None:
                 wanted[device_id] = need
+        events = [p.event if isinstance(p, _Pending) else p for p in batch]
+        dispatcher = self._dispatcher
+        prepared = dispatcher.prepare(events, self._clock.now()) if dispatcher else None
         try:
             await self._store.append(
-                [(p.event, p.frame.mac) for p in batch], downlink_reservations=wanted
+                [(p.event, p.frame.mac) for p in frames],
+                downlink_reservations=wanted,
+                desk=prepared.writes if prepared else None,
             )
         except StoreError as exc:
-            for p in batch:
+            if dispatcher is not None and prepared is not None:
+                dispatcher.rollback(prepared)
+            for p in frames:
                 self._pending.pop((p.frame.device_id, p.frame.counter), None)
             self._metrics.inc("gateway_store_errors_total")
             log.error(
                 "events not stored; not acknowledging, callers will repeat",
                 error=str(exc),
-                lost_if_callers_give_up=len(batch),
+                frames=len(frames),
                 rate_key="append",
             )
             await asyncio.sleep(_STORE_RETRY_S)
+            # Callers repeat their frames; answers and timers have nobody to
+            # repeat them, so they go round again.
+            for item in batch:
+                if not isinstance(item, _Pending):
+                    self._queue.put_nowait(item)
             return
         for device_id, up_to in wanted.items():
             self._counters.granted(device_id, up_to)
-        for p in batch:
+        for p in frames:
             frame = p.frame
             self._pending.pop((frame.device_id, frame.counter), None)
             self._guard.accept(frame.device_id, frame.counter, frame.mac)
@@ -366,9 +397,11 @@ class Intake:
                 self._send_ack_now(frame, link)
             kind = "key" if isinstance(p.event, KeyPressed) else "heartbeat"
             self._metrics.inc("gateway_events_stored_total", kind=kind, link=p.link.name)
-        self.stored_events += len(batch)
+        self.stored_events += len(frames)
+        if dispatcher is not None and prepared is not None:
+            dispatcher.apply(prepared)
         if self._on_event is not None:
-            for p in batch:
+            for p in frames:
                 try:
                     self._on_event(p.event)
                 except Exception:
@@ -387,7 +420,11 @@ class Intake:
         repeat as a replay and never answer it.
         """
         key = self._keys(device_id)
-        if key is None or device_id not in self._routes:
+        route = self._routes.get(device_id)
+        # A caller not heard from since start (the gateway restarted mid-case)
+        # is looked for on every link: on a bus, callers ignore other ids.
+        links = [route] if route is not None else list(self.links)
+        if key is None or not links:
             self._metrics.inc("gateway_feedback_total", outcome="no_route")
             return False
         acked = asyncio.Event()
@@ -403,8 +440,12 @@ class Intake:
                 used.append(counter)
                 self._feedback[(device_id, counter)] = acked
                 raw = encode(feedback, device_id=device_id, counter=counter, key=key)
-                if not self._routes[device_id].send(device_id, raw):
-                    self._metrics.inc("gateway_downlink_dropped_total", link="-", kind="feedback")
+                route = self._routes.get(device_id)
+                for link in [route] if route is not None else links:
+                    if not link.send(device_id, raw):
+                        self._metrics.inc(
+                            "gateway_downlink_dropped_total", link=link.name, kind="feedback"
+                        )
                 try:
                     await asyncio.wait_for(acked.wait(), _FEEDBACK_ACK_TIMEOUT_S)
                 except TimeoutError:

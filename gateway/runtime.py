@@ -9,11 +9,15 @@ from typing import Any
 
 from .clock import WallClock
 from .config import Loaded
+from .desk import Desk
+from .dispatch import Dispatcher
 from .events import CallerEvent, HeartbeatReceived, KeyPressed
 from .intake import Intake
 from .links import MqttLink, SerialLink
 from .log import get_logger
 from .metrics import Metrics
+from .notify import Channel
+from .notify.app import AppChannel
 from .sdnotify import Notifier
 from .store import Store
 
@@ -37,8 +41,11 @@ class Gateway:
         self._keys = {c.id: c.key_bytes for c in self.residents.caller}
         self.stop_requested = asyncio.Event()
         self.ready = asyncio.Event()
+        self.village = loaded.village
+        self.desk = Desk(loaded.village)
         self.store: Store | None = None
         self.intake: Intake | None = None
+        self.dispatcher: Dispatcher | None = None
         self.links: list[Any] = []
 
     def _on_event(self, event: CallerEvent) -> None:
@@ -59,28 +66,54 @@ class Gateway:
         store = await Store.open(cfg.store.path, synchronous=cfg.store.synchronous)
         self.store = store
         try:
+            clock = WallClock(cfg.clock.trust)
             intake = Intake(
                 store,
                 self._keys.get,
                 metrics=self.metrics,
-                clock=WallClock(cfg.clock.trust),
+                clock=clock,
                 max_batch=cfg.intake.max_batch,
                 on_event=self._on_event,
             )
             await intake.load()
             self.intake = intake
             self.links = [SerialLink(s, intake.submit, self.metrics) for s in cfg.links.serial]
+            channels: dict[str, Channel] = {}
             if cfg.links.mqtt is not None:
-                self.links.append(
-                    MqttLink(
-                        cfg.links.mqtt,
-                        topic_prefix=cfg.topic_prefix,
-                        client_id=cfg.mqtt_client_id,
-                        submit=intake.submit,
-                        metrics=self.metrics,
-                    )
+                mqtt = MqttLink(
+                    cfg.links.mqtt,
+                    topic_prefix=cfg.topic_prefix,
+                    client_id=cfg.mqtt_client_id,
+                    submit=intake.submit,
+                    metrics=self.metrics,
+                )
+                self.links.append(mqtt)
+                channels["app"] = AppChannel(mqtt, cfg.topic_prefix)
+            intake.links = list(self.links)
+            dispatcher = Dispatcher(
+                self.desk,
+                self.village,
+                store=store,
+                channels=channels,
+                send_feedback=intake.send_feedback,
+                metrics=self.metrics,
+                clock=clock,
+            )
+            intake.attach(dispatcher)
+            self.dispatcher = dispatcher
+            # Open cases resume where they were: same step, same wall-clock deadline.
+            state = await store.load_desk_state(
+                now=clock.now(), rating_window_s=self.village.settings.rating_window_s
+            )
+            dispatcher.rearm(self.desk.restore(state.cases, state.notices, state.last_seen))
+            if state.cases:
+                log.info(
+                    "cases restored",
+                    open=sum(c.open for c in state.cases),
+                    deadlines=len(self.desk.pending_deadlines()),
                 )
             committer = asyncio.create_task(intake.run(), name="intake")
+            ticker = asyncio.create_task(dispatcher.tick(), name="tick")
             link_tasks = [asyncio.create_task(link.run(), name=link.name) for link in self.links]
             try:
                 await self._wait_ready()
@@ -95,7 +128,7 @@ class Gateway:
                 self.notifier.notify(ready=1, status=self.status_line())
                 supervision = asyncio.create_task(self._supervise(), name="supervise")
                 try:
-                    await self._until_stopped([committer, *link_tasks, supervision])
+                    await self._until_stopped([committer, ticker, *link_tasks, supervision])
                 finally:
                     self.notifier.notify(stopping=1, status="stopping")
                     await _cancel([supervision])
@@ -103,6 +136,8 @@ class Gateway:
                 # New frames stop first; what was already received is committed
                 # and acknowledged before the store closes.
                 await _cancel(link_tasks)
+                await _cancel([ticker])
+                dispatcher.stop()
                 await intake.drain(SHUTDOWN_GRACE_S)
                 await _cancel([committer])
         finally:
@@ -116,7 +151,8 @@ class Gateway:
         text = f"links up: {', '.join(up) or 'none'}"
         if down:
             text += f"; DOWN: {', '.join(down)}"
-        return f"{text}; events stored since start: {stored}"
+        open_cases = sum(1 for c in self.desk.snapshot().cases if c.open)
+        return f"{text}; open cases: {open_cases}; events stored since start: {stored}"
 
     async def _supervise(self) -> None:
         """Watchdog pings and the status line, from the event loop itself.

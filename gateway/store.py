@@ -7,18 +7,21 @@ is what lets the intake acknowledge a press only after it is durable.
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import aiosqlite
 
 from firmware_protocol import Key
 
+from .desk import Case, Notice, case_from_dict, case_to_dict, notice_from_dict, notice_to_dict
 from .events import CallerEvent, HeartbeatReceived, KeyPressed
 
-__all__ = ["SCHEMA_VERSION", "JournalRow", "Store", "StoreError"]
+__all__ = ["SCHEMA_VERSION", "DeskState", "DeskWrites", "JournalRow", "Store", "StoreError"]
 
 # Each entry moves the schema from version i to i + 1.  Never edit a released
 # entry: add a new one, so a gateway in the field upgrades in place.
@@ -46,6 +49,60 @@ _MIGRATIONS: tuple[str, ...] = (
         reserved  INTEGER NOT NULL
     );
     """,
+    # 2: the call desk.  A case is stored whole as JSON (its transitions,
+    # ratings and pending deadline) with the columns that queries need.
+    """
+    CREATE TABLE cases (
+        id          TEXT    PRIMARY KEY,
+        device_id   INTEGER NOT NULL,
+        state       TEXT    NOT NULL,
+        open        INTEGER NOT NULL,
+        opened_at   REAL    NOT NULL,
+        updated_at  REAL    NOT NULL,
+        resolved_at REAL,
+        data        TEXT    NOT NULL
+    );
+    CREATE INDEX cases_open ON cases (open, device_id);
+    CREATE INDEX cases_resolved ON cases (device_id, resolved_at);
+    CREATE TABLE notices (
+        device_id INTEGER NOT NULL,
+        kind      TEXT    NOT NULL,
+        data      TEXT    NOT NULL,
+        PRIMARY KEY (device_id, kind)
+    );
+    -- Events that did not come from a caller: answers, deadlines, channel failures.
+    CREATE TABLE desk_events (
+        id           INTEGER PRIMARY KEY,
+        at           REAL    NOT NULL,
+        wall_trusted INTEGER NOT NULL,
+        kind         TEXT    NOT NULL,
+        case_id      TEXT,
+        data         TEXT    NOT NULL
+    );
+    -- Records for the district's case store, in the order they were made.
+    CREATE TABLE outbox (
+        id           INTEGER PRIMARY KEY,
+        kind         TEXT    NOT NULL,
+        case_id      TEXT,
+        created_at   REAL    NOT NULL,
+        wall_trusted INTEGER NOT NULL,
+        payload      TEXT    NOT NULL,
+        acked_at     REAL
+    );
+    CREATE INDEX outbox_pending ON outbox (id) WHERE acked_at IS NULL;
+    -- Every attempt to reach a person, and how it went.
+    CREATE TABLE notifications (
+        id        INTEGER PRIMARY KEY,
+        at        REAL    NOT NULL,
+        case_id   TEXT,
+        person_id TEXT    NOT NULL,
+        kind      TEXT    NOT NULL,
+        channel   TEXT,
+        outcome   TEXT    NOT NULL,
+        detail    TEXT    NOT NULL DEFAULT ''
+    );
+    CREATE INDEX notifications_case ON notifications (case_id, id);
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -61,6 +118,34 @@ _RESERVE = """
 INSERT INTO downlink_counters (device_id, reserved) VALUES (?, ?)
 ON CONFLICT (device_id) DO UPDATE SET reserved = MAX(reserved, excluded.reserved)
 """
+
+
+@dataclass
+class DeskWrites:
+    """What the desk decided for a batch, written in the batch's transaction."""
+
+    cases: list[Case] = field(default_factory=list)
+    notices: list[tuple[Notice, bool]] = field(default_factory=list)  # (notice, cleared)
+    outbox: list[tuple[str, str | None, dict[str, Any]]] = field(default_factory=list)
+    desk_events: list[tuple[str, str | None, dict[str, Any]]] = field(default_factory=list)
+    at: float = 0.0
+    wall_trusted: bool = True
+
+    def __bool__(self) -> bool:
+        return bool(self.cases or self.notices or self.outbox or self.desk_events)
+
+
+@dataclass(frozen=True)
+class DeskState:
+    """What the desk needs back after a restart."""
+
+    cases: list[Case]
+    notices: list[Notice]
+    last_seen: dict[int, float]
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
 
 
 class StoreError(Exception):
@@ -173,14 +258,18 @@ class Store:
         return int(row[0]) if row else 0
 
     async def append(
-        self, rows: Sequence[JournalRow], *, downlink_reservations: dict[int, int] | None = None
+        self,
+        rows: Sequence[JournalRow],
+        *,
+        downlink_reservations: dict[int, int] | None = None,
+        desk: DeskWrites | None = None,
     ) -> None:
         """Write a batch of events in one transaction; durable when this returns.
 
         Downlink counter reservations needed to acknowledge the batch ride in
         the same transaction, so acknowledging costs no extra fsync.
         """
-        if not rows:
+        if not rows and not desk:
             return
         values = [_row(e, mac) for e, mac in rows]
         try:
@@ -190,12 +279,131 @@ class Store:
                     await self._db.executemany(_INSERT, values)
                     if downlink_reservations:
                         await self._db.executemany(_RESERVE, downlink_reservations.items())
+                    if desk:
+                        await self._write_desk(desk)
                     await self._db.execute("COMMIT")
                 except BaseException:
                     await self._db.execute("ROLLBACK")
                     raise
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: could not write {len(rows)} events: {exc}") from exc
+
+    async def _write_desk(self, w: DeskWrites) -> None:
+        db, trusted = self._db, int(w.wall_trusted)
+        if w.desk_events:
+            await db.executemany(
+                "INSERT INTO desk_events (at, wall_trusted, kind, case_id, data) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [
+                    (w.at, trusted, kind, case_id, _json(data))
+                    for kind, case_id, data in w.desk_events
+                ],
+            )
+        if w.cases:
+            await db.executemany(
+                "INSERT INTO cases (id, device_id, state, open, opened_at, updated_at, "
+                "resolved_at, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET state = excluded.state, open = excluded.open, "
+                "updated_at = excluded.updated_at, resolved_at = excluded.resolved_at, "
+                "data = excluded.data",
+                [
+                    (
+                        c.id,
+                        c.device_id,
+                        c.state.value,
+                        int(c.open),
+                        c.opened_at,
+                        w.at,
+                        c.resolved_at,
+                        _json(case_to_dict(c)),
+                    )
+                    for c in w.cases
+                ],
+            )
+        for notice, cleared in w.notices:
+            if cleared:
+                await db.execute(
+                    "DELETE FROM notices WHERE device_id = ? AND kind = ?",
+                    (notice.device_id, notice.kind.value),
+                )
+            else:
+                await db.execute(
+                    "INSERT OR REPLACE INTO notices (device_id, kind, data) VALUES (?, ?, ?)",
+                    (notice.device_id, notice.kind.value, _json(notice_to_dict(notice))),
+                )
+        if w.outbox:
+            await db.executemany(
+                "INSERT INTO outbox (kind, case_id, created_at, wall_trusted, payload) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(kind, case_id, w.at, trusted, _json(p)) for kind, case_id, p in w.outbox],
+            )
+
+    async def load_desk_state(self, *, now: float, rating_window_s: float) -> DeskState:
+        """Open cases, each caller's latest ratable resolved case, notices, last contact."""
+        async with self._db.execute(
+            "SELECT data FROM cases WHERE open = 1 "
+            "UNION ALL "
+            "SELECT data FROM (SELECT data, ROW_NUMBER() OVER "
+            "  (PARTITION BY device_id ORDER BY resolved_at DESC) AS n "
+            "  FROM cases WHERE open = 0 AND resolved_at >= ?) WHERE n = 1",
+            (now - rating_window_s,),
+        ) as cur:
+            cases = [case_from_dict(json.loads(r[0])) for r in await cur.fetchall()]
+        async with self._db.execute("SELECT data FROM notices") as cur:
+            notices = [notice_from_dict(json.loads(r[0])) for r in await cur.fetchall()]
+        async with self._db.execute(
+            "SELECT device_id, MAX(received_at) FROM events GROUP BY device_id"
+        ) as cur:
+            last_seen = {int(d): float(t) for d, t in await cur.fetchall()}
+        return DeskState(cases, notices, last_seen)
+
+    async def cases(self, *, open_only: bool = False, limit: int = 100) -> list[Case]:
+        """Cases, newest first."""
+        sql = "SELECT data FROM cases"
+        if open_only:
+            sql += " WHERE open = 1"
+        sql += " ORDER BY opened_at DESC, id DESC LIMIT ?"
+        async with self._db.execute(sql, (limit,)) as cur:
+            return [case_from_dict(json.loads(r[0])) for r in await cur.fetchall()]
+
+    async def case(self, case_id: str) -> Case | None:
+        async with self._db.execute("SELECT data FROM cases WHERE id = ?", (case_id,)) as cur:
+            row = await cur.fetchone()
+        return case_from_dict(json.loads(row[0])) if row else None
+
+    async def record_notification(
+        self,
+        *,
+        at: float,
+        case_id: str | None,
+        person_id: str,
+        kind: str,
+        channel: str | None,
+        outcome: str,
+        detail: str = "",
+    ) -> None:
+        try:
+            async with self._write:
+                await self._db.execute(
+                    "INSERT INTO notifications (at, case_id, person_id, kind, channel, outcome, "
+                    "detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (at, case_id, person_id, kind, channel, outcome, detail),
+                )
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: could not record a notification: {exc}") from exc
+
+    async def notifications(self, case_id: str) -> list[dict[str, Any]]:
+        async with self._db.execute(
+            "SELECT at, person_id, kind, channel, outcome, detail FROM notifications "
+            "WHERE case_id = ? ORDER BY id",
+            (case_id,),
+        ) as cur:
+            return [dict(r) for r in await cur.fetchall()]
+
+    async def outbox_count(self) -> int:
+        async with self._db.execute("SELECT COUNT(*) FROM outbox WHERE acked_at IS NULL") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
 
     async def high_water_marks(self) -> dict[int, int]:
         async with self._db.execute(

@@ -83,7 +83,8 @@ class Village:
             f"# Written by simulators.village from {CONFIG}/gateway.toml\n"
             '[village]\nid = "xiaowang"\nname = "小王村"\n\n'
             f'[store]\npath = "{self.workdir / "gateway.db"}"\n\n'
-            f'[files]\nresidents = "{CONFIG / "residents.toml"}"\n\n'
+            f'[files]\nresidents = "{CONFIG / "residents.toml"}"\n'
+            f'people = "{CONFIG / "people.toml"}"\nroster = "{CONFIG / "roster.toml"}"\n\n'
             f'[[links.serial]]\nname = "bus1"\nport = "{self.gateway_tty}"\n\n'
             f"[links.mqtt]\nhost = \"127.0.0.1\"\nport = {self.mqtt_port}\n\n"
             '[clock]\ntrust = "always"\n\n[log]\nformat = "json"\n'

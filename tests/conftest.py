@@ -167,7 +167,8 @@ def write_config(
     text = (
         f'[village]\nid = "{village}"\nname = "测试村"\n\n'
         f'[store]\npath = "{directory / "gateway.db"}"\n\n'
-        f'[files]\nresidents = "{residents}"\n\n'
+        f'[files]\nresidents = "{residents}"\npeople = "{REPO / "config" / "people.toml"}"\n'
+        f'roster = "{REPO / "config" / "roster.toml"}"\n\n'
         '[clock]\ntrust = "always"\n\n[log]\nformat = "json"\nlevel = "debug"\n\n'
     )
     if serial_port is not None:

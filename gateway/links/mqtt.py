@@ -15,6 +15,7 @@ import contextlib
 import re
 import socket
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import aiomqtt
@@ -78,21 +79,34 @@ class MqttLink:
         self.submit = submit
         self.metrics = metrics
         self.connected = asyncio.Event()
-        self._outbox: deque[tuple[int, bytes]] = deque()
+        self._outbox: deque[tuple[str, bytes, bool]] = deque()  # topic, payload, retain
         self._wake = asyncio.Event()
         self.caller_status: dict[int, str] = {}
+        # Other parts of the gateway (the app channel) listen on their own topics.
+        self._handlers: list[tuple[str, Callable[[str, bytes], None]]] = []
 
     @property
     def up(self) -> bool:
         return self.connected.is_set()
 
     def send(self, device_id: int, frame: bytes) -> bool:
+        return self.publish(self.topics.down(device_id), frame)
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool:
+        """Queue a QoS 1 message; it goes out as soon as the broker is connected."""
         if len(self._outbox) >= _DOWNLINK_QUEUE_MAX:
             self._outbox.popleft()
             self.metrics.inc("gateway_downlink_dropped_total", link=self.name, kind="overflow")
-        self._outbox.append((device_id, frame))
+        self._outbox.append((topic, payload, retain))
         self._wake.set()
         return True
+
+    def subscribe(self, topic_filter: str, handler: Callable[[str, bytes], None]) -> None:
+        """Call ``handler(topic, payload)`` for messages on ``topic_filter``.
+
+        Register before ``run``; the subscription is renewed on every reconnect.
+        """
+        self._handlers.append((topic_filter, handler))
 
     def _client(self) -> aiomqtt.Client:
         cfg = self.config
@@ -122,6 +136,8 @@ class MqttLink:
                 async with self._client() as client:
                     await client.subscribe(self.topics.uplink_filter, qos=1)
                     await client.subscribe(self.topics.status_filter, qos=1)
+                    for topic_filter, _handler in self._handlers:
+                        await client.subscribe(topic_filter, qos=1)
                     await client.publish(self.topics.gateway_status, b"online", qos=1, retain=True)
                     self.connected.set()
                     backoff.reset()
@@ -174,15 +190,20 @@ class MqttLink:
                 while not self._outbox:
                     self._wake.clear()
                     await self._wake.wait()
-                device_id, frame = self._outbox.popleft()
+                topic, payload, retain = self._outbox.popleft()
                 await slots.acquire()
-                tg.create_task(self._publish(client, slots, device_id, frame))
+                tg.create_task(self._publish(client, slots, topic, payload, retain))
 
     async def _publish(
-        self, client: aiomqtt.Client, slots: asyncio.Semaphore, device_id: int, frame: bytes
+        self,
+        client: aiomqtt.Client,
+        slots: asyncio.Semaphore,
+        topic: str,
+        payload: bytes,
+        retain: bool,
     ) -> None:
         try:
-            await client.publish(self.topics.down(device_id), frame, qos=1)
+            await client.publish(topic, payload, qos=1, retain=retain)
             self.metrics.inc("gateway_downlink_frames_total", link=self.name)
         finally:
             slots.release()
@@ -199,6 +220,10 @@ class MqttLink:
     def _dispatch(self, topic: str, payload: Any) -> None:
         parsed = self.topics.parse(topic)
         if parsed is None:
+            data = bytes(payload) if isinstance(payload, bytes | bytearray) else b""
+            for topic_filter, handler in self._handlers:
+                if aiomqtt.Topic(topic).matches(topic_filter):
+                    handler(topic, data)
             return
         ident, kind = parsed
         if not ident.isdigit() or not 1 <= int(ident) <= 0xFFFFFFFF:

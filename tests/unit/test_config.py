@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,8 @@ def test_example_config_loads_with_paths_beside_it():
 
 def _write(tmp_path: Path, gateway: str, residents: str = "") -> Path:
     (tmp_path / "residents.toml").write_text(residents)
+    for name in ("people.toml", "roster.toml"):
+        shutil.copy(REPO / "config" / name, tmp_path / name)
     path = tmp_path / "gateway.toml"
     path.write_text(gateway)
     return path
@@ -71,12 +74,12 @@ def test_residents_errors_name_file_field_and_value(tmp_path, residents, expecte
 
 
 def test_every_problem_is_reported_at_once(tmp_path):
-    path = _write(tmp_path, '[village]\nid = "UPPER"\ntimezone = "Nowhere/City"\n[links]\n')
+    path = _write(tmp_path, '[village]\nid = "UPPER"\ntimzone = "Nowhere/City"\n[links]\n')
     with pytest.raises(ConfigError) as err:
         load(path)
     text = "\n".join(err.value.problems)
     assert "village.id" in text
-    assert "unknown time zone 'Nowhere/City'" in text
+    assert "village.timzone: unknown field (misspelt?)" in text
     assert "no device link" in text
     assert all(p.startswith(str(path)) for p in err.value.problems)
 
