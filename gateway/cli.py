@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import os
 import sys
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from .config import ConfigError, load
@@ -37,6 +39,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
+    from .village import check_coverage
+
     try:
         loaded = load(args.config)
     except ConfigError as exc:
@@ -44,13 +48,29 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return 1
-    gw = loaded.gateway
+    problems = check_coverage(loaded.village, datetime.now(UTC))
+    if problems:
+        print(f"{len(problems)} problem(s) found:", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    gw, village = loaded.gateway, loaded.village
     links = [f"serial {s.name} ({s.port})" for s in gw.links.serial]
     if gw.links.mqtt is not None:
         links.append(f"mqtt {gw.links.mqtt.host}:{gw.links.mqtt.port} ({gw.topic_prefix})")
+    now = time.time()
+    on_duty = ", ".join(
+        f"{village.people[d.person].name} ({d.person})"
+        for d in village.roster.on_duty(now)
+        if d.person in village.people
+    )
     print(f"OK: {gw.source}")
     print(f"  village: {gw.village.id} {gw.village.name}")
     print(f"  callers: {len(loaded.residents.caller)} in {gw.residents_path}")
+    print(f"  people: {len(village.people)} in {gw.people_path}")
+    print(f"  roster: {gw.roster_path} ({village.roster.timezone}); "
+          "somebody is on duty every minute of the week")
+    print(f"  on duty now: {on_duty or 'nobody'}")
     print(f"  links: {', '.join(links)}")
     print(f"  store: {gw.store.path}")
     return 0

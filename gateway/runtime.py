@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from datetime import UTC, datetime
 from typing import Any
 
 from .clock import WallClock
@@ -101,6 +102,11 @@ class Gateway:
             )
             intake.attach(dispatcher)
             self.dispatcher = dispatcher
+            from .village import check_coverage
+
+            for problem in check_coverage(self.village, datetime.now(UTC)):
+                # Serve what can be served, but say loudly what cannot.
+                log.error("roster gap: some calls would find nobody", problem=problem)
             # Open cases resume where they were: same step, same wall-clock deadline.
             state = await store.load_desk_state(
                 now=clock.now(), rating_window_s=self.village.settings.rating_window_s

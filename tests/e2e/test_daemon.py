@@ -197,3 +197,28 @@ def test_broken_config_is_refused_with_file_field_and_value(tmp_path):
 def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ONETOUCH_CONFIG", raising=False)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+def test_check_config_proves_coverage(tmp_path):
+    (tmp_path / "people.toml").write_text((REPO / "config" / "people.toml").read_text())
+    roster = (REPO / "config" / "roster.toml").read_text()
+    # Nobody at night: the deputy's night shift is taken out.
+    roster = roster.replace('start = "21:30"\nend = "07:30"\nperson = "li-fushuji"',
+                            'start = "21:30"\nend = "22:30"\nperson = "li-fushuji"')
+    roster = roster.replace('start = "00:00"\nend = "24:00"\nrole = "grid_leader"',
+                            'start = "08:00"\nend = "20:00"\nrole = "grid_leader"')
+    assert "22:30" in roster
+    assert '"20:00"\nrole = "grid_leader"' in roster
+    (tmp_path / "roster.toml").write_text(roster)
+    gateway = (REPO / "config" / "gateway.toml").read_text().replace(
+        'residents = "residents.toml"', f'residents = "{REPO / "config" / "residents.toml"}"'
+    )
+    (tmp_path / "gateway.toml").write_text(gateway)
+    r = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", "--config",
+         str(tmp_path / "gateway.toml")],
+        cwd=REPO, capture_output=True, text=True, timeout=30,
+    )
+    assert r.returncode == 1, r.stdout
+    assert str(tmp_path / "roster.toml") in r.stderr
+    assert "22:30" in r.stderr, r.stderr
