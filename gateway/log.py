@@ -9,6 +9,7 @@ counted, and the next line after the window says how many were suppressed.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable, MutableMapping
@@ -16,7 +17,43 @@ from typing import Any, Literal
 
 import structlog
 
-__all__ = ["RateLimiter", "configure", "get_logger"]
+__all__ = ["RateLimiter", "configure", "get_logger", "mask_personal"]
+
+# Residents' and staff's phone numbers and names do not belong in a journal
+# that IT staff paste into chat groups when asking for help.
+_PHONE = re.compile(r"(?<!\d)(\+?86)?(1[3-9]\d)(\d{4})(\d{4})(?!\d)")
+_NAME_KEYS = frozenset({"name", "resident", "person_name", "resident_name"})
+_PHONE_KEYS = frozenset({"phone", "number", "sender", "caller_number"})
+
+
+def _mask_name(value: str) -> str:
+    return value[:1] + "*" * max(1, len(value) - 1) if value else value
+
+
+def _mask_phone(value: str) -> str:
+    digits = re.sub(r"\D", "", value)
+    if len(digits) == 13 and digits.startswith("86"):
+        digits = digits[2:]  # China's country code in front of a mobile number
+    if len(digits) <= 7:
+        return "*" * len(digits)
+    return digits[:3] + "*" * (len(digits) - 7) + digits[-4:]
+
+
+def mask_personal(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """A structlog processor: mask names and phone numbers before anything is written."""
+    for key, value in list(event_dict.items()):
+        if not isinstance(value, str):
+            continue
+        if key in _NAME_KEYS:
+            event_dict[key] = _mask_name(value)
+        elif key in _PHONE_KEYS:
+            event_dict[key] = _mask_phone(value)
+        elif _PHONE.search(value):
+            event_dict[key] = _PHONE.sub(lambda m: f"{m.group(2)}****{m.group(4)}", value)
+    return event_dict
+
 
 
 class RateLimiter:
@@ -67,6 +104,7 @@ def configure(
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             RateLimiter(),
+            mask_personal,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             renderer,

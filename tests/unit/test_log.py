@@ -42,3 +42,20 @@ def test_memory_stays_bounded():
 def _reset_structlog():
     yield
     structlog.reset_defaults()
+
+
+def test_names_and_phone_numbers_are_masked():
+    from gateway.log import mask_personal
+
+    out = mask_personal(None, "info", {
+        "event": "sms from 13905641001 about case 1001-3",
+        "resident": "王秀英",
+        "phone": "+86 139 0564 1002",
+        "device": 1001,
+        "detail": "no answer from 15912345678",
+    })
+    assert out["event"] == "sms from 139****1001 about case 1001-3"
+    assert out["resident"] == "王**"
+    assert out["phone"] == "139****1002"
+    assert out["detail"] == "no answer from 159****5678"
+    assert out["device"] == 1001
