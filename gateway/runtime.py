@@ -184,8 +184,18 @@ class Gateway:
         # Links that cannot come up are retried in the background; do not hold
         # the whole gateway hostage to one unplugged adapter for long.
         waits = [asyncio.create_task(link.connected.wait()) for link in self.links]
-        _done, pending = await asyncio.wait(waits, timeout=10.0)
-        for task in pending:
+        stop = asyncio.create_task(self.stop_requested.wait())
+        pending: set[asyncio.Task[Any]] = set(waits)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10.0
+        while pending and not stop.done() and loop.time() < deadline:
+            _done, pending = await asyncio.wait(
+                [*pending, stop],
+                timeout=deadline - loop.time(),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            pending.discard(stop)
+        for task in [*pending, stop]:
             task.cancel()
         down = [link.name for link in self.links if not link.up]
         if down:
