@@ -1,4 +1,4 @@
-"""Command line: ``python -m gateway run|check-config``."""
+"""Command line: ``python -m gateway run|check-config|status|roster|cases|test-call``."""
 
 from __future__ import annotations
 
@@ -68,8 +68,10 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     print(f"  village: {gw.village.id} {gw.village.name}")
     print(f"  callers: {len(loaded.residents.caller)} in {gw.residents_path}")
     print(f"  people: {len(village.people)} in {gw.people_path}")
-    print(f"  roster: {gw.roster_path} ({village.roster.timezone}); "
-          "somebody is on duty every minute of the week")
+    print(
+        f"  roster: {gw.roster_path} ({village.roster.timezone}); "
+        "somebody is on duty every minute of the week"
+    )
     print(f"  on duty now: {on_duty or 'nobody'}")
     print(f"  links: {', '.join(links)}")
     print(f"  store: {gw.store.path}")
@@ -93,6 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"gateway.toml (default {DEFAULT_CONFIG})",
         )
         p.set_defaults(func=func)
+
+    def config_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--config",
+            type=Path,
+            default=DEFAULT_CONFIG,
+            help=f"gateway.toml (default {DEFAULT_CONFIG})",
+        )
+
+    from .staff import add_commands
+
+    add_commands(sub, config_arg)
     return parser
 
 

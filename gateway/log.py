@@ -55,7 +55,6 @@ def mask_personal(
     return event_dict
 
 
-
 class RateLimiter:
     """A structlog processor.  Add ``rate_key=...`` to a log call to limit it."""
 

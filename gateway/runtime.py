@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,6 +22,7 @@ from .metrics import Metrics
 from .notify import Channel
 from .notify.app import AppChannel
 from .sdnotify import Notifier
+from .status import status_path, write_status
 from .store import Store
 
 __all__ = ["SHUTDOWN_GRACE_S", "Gateway"]
@@ -40,6 +43,7 @@ class Gateway:
         self.residents = loaded.residents
         self.metrics = metrics or Metrics()
         self._keys = {c.id: c.key_bytes for c in self.residents.caller}
+        self.started_at = time.time()
         self.stop_requested = asyncio.Event()
         self.ready = asyncio.Event()
         self.village = loaded.village
@@ -89,7 +93,13 @@ class Gateway:
                     metrics=self.metrics,
                 )
                 self.links.append(mqtt)
-                channels["app"] = AppChannel(mqtt, cfg.topic_prefix)
+                channels["app"] = AppChannel(
+                    mqtt,
+                    cfg.topic_prefix,
+                    people=self.village.people,
+                    on_answer=intake.submit_event,
+                    metrics=self.metrics,
+                )
             intake.links = list(self.links)
             dispatcher = Dispatcher(
                 self.desk,
@@ -148,6 +158,11 @@ class Gateway:
                 await _cancel([committer])
         finally:
             await store.close()
+            with contextlib.suppress(OSError):
+                write_status(
+                    status_path(cfg.store.path),
+                    {**self.status_snapshot(), "stopped_at": time.time()},
+                )
             log.info("gateway stopped")
 
     def status_line(self) -> str:
@@ -178,7 +193,33 @@ class Gateway:
                 fields["status"] = last_status = status
             if fields:
                 self.notifier.notify(**fields)
+            try:
+                write_status(status_path(self.config.store.path), self.status_snapshot())
+            except OSError as exc:
+                log.warning("status file not written", error=str(exc), rate_key="status")
             await asyncio.sleep(period)
+
+    def status_snapshot(self) -> dict[str, Any]:
+        """What `onetouch-gateway status` shows; written beside the database."""
+        now = time.time()
+        snap = self.desk.snapshot()
+        allowance = self.village.settings.heartbeat_allowance_s
+        heard = {d for d, t in snap.last_seen.items() if now - t <= allowance}
+        return {
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "updated_at": now,
+            "village": self.config.village.id,
+            "links": {link.name: bool(link.up) for link in self.links},
+            "callers": len(self._keys),
+            "callers_heard": len(heard & set(self._keys)),
+            "open_cases": sum(1 for c in snap.cases if c.open),
+            "notices": [
+                {"device": n.device_id, "kind": n.kind.value, "since": n.since}
+                for n in snap.notices
+            ],
+            "events_stored": self.intake.stored_events if self.intake else 0,
+        }
 
     async def _wait_ready(self) -> None:
         # Links that cannot come up are retried in the background; do not hold

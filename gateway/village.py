@@ -98,8 +98,25 @@ class PersonModel(_Model):
     role: RoleName
     phone: str = ""
     app_id: str | None = None
+    # The secret the person's app signs its answers with (32 hex digits or
+    # more): without it anyone on the broker could "accept" a call and stop
+    # the escalation while nobody comes.
+    app_key: str | None = None
     grids: list[str] = []
     channels: list[ChannelName] = []
+
+    @field_validator("app_key")
+    @classmethod
+    def _hex_key(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            raw = bytes.fromhex(value)
+        except ValueError:
+            raise ValueError("app_key must be hexadecimal digits") from None
+        if len(raw) < 16:
+            raise ValueError(f"app_key must be at least 32 hex digits, got {len(value)}")
+        return value.lower()
 
     @field_validator("phone")
     @classmethod
@@ -121,8 +138,8 @@ class PersonModel(_Model):
         for channel in self.channels:
             if channel in ("sms", "voice") and not self.phone:
                 raise ValueError(f"channel {channel!r} needs a phone number (phone = ...)")
-            if channel == "app" and not self.app_id:
-                raise ValueError("channel 'app' needs an app_id")
+            if channel == "app" and not (self.app_id and self.app_key):
+                raise ValueError("channel 'app' needs an app_id and its app_key")
         if self.role in ("grid_leader", "grid_worker") and not self.grids:
             raise ValueError(f"a {self.role} needs grids = [...] naming the grids served")
         return self
@@ -332,6 +349,7 @@ def load_village(
             role=Role(p.role),
             phone=p.phone,
             app_id=p.app_id,
+            app_key=bytes.fromhex(p.app_key) if p.app_key else None,
             grids=tuple(p.grids),
             channels=tuple(Channel(c) for c in p.channels),
         )

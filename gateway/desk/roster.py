@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
 from zoneinfo import ZoneInfo
@@ -69,6 +69,7 @@ class Person:
     app_id: str | None = None
     grids: tuple[str, ...] = ()
     channels: tuple[Channel, ...] = ()  # in order of preference
+    app_key: bytes | None = field(default=None, repr=False)  # signs the app's answers
 
     @property
     def reachable(self) -> bool:

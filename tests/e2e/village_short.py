@@ -21,6 +21,7 @@ name = "甲书记"
 role = "secretary"
 phone = "13900000001"
 app_id = "app-a"
+app_key = "d4363b4d076b0c7e749f279727fbd3f8"
 channels = ["app"]
 
 [[person]]
@@ -29,6 +30,7 @@ name = "乙副书记"
 role = "deputy"
 phone = "13900000002"
 app_id = "app-b"
+app_key = "7208e64520e94afe455156c243bfd5b4"
 channels = ["app"]
 
 [[person]]
@@ -37,6 +39,7 @@ name = "镇值班"
 role = "town_duty"
 phone = "13900000009"
 app_id = "app-t"
+app_key = "6bac21e2a9bdda1af191b0e853340385"
 channels = ["app"]
 
 [[person]]
@@ -45,6 +48,7 @@ name = "网格长"
 role = "grid_leader"
 phone = "13900000003"
 app_id = "app-g"
+app_key = "b487ba21c187d746d3cabe051c18c926"
 grids = ["grid-1", "grid-2", "grid-3"]
 channels = ["app"]
 """

@@ -1,0 +1,132 @@
+"""The staff commands on a seeded database, with the daemon stopped and running."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.events import PersonAnswered
+from gateway.status import table, text_width
+from simulators.caller import CounterFile, SerialBus, SimCaller
+
+from ..conftest import REPO, Broker, PtyPair, write_config
+from ..integration.helpers import caller_key, running_gateway, wait_until
+from .conftest import Daemon
+from .village_short import write_short_village
+
+pytestmark = pytest.mark.e2e
+
+
+def cli(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args, "--config", str(cfg)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.fixture
+async def seeded(tmp_path, pty_pair: PtyPair, broker: Broker) -> Path:
+    """A database holding one accepted case (caller 1001) and one waiting (caller 1002)."""
+    cfg = write_config(
+        tmp_path, serial_port=pty_pair.gateway_port, mqtt_port=broker.port, village="staff"
+    )
+    write_short_village(tmp_path, cfg, first=600.0, second=600.0)
+    async with running_gateway(cfg) as gw:
+        bus = SerialBus(str(pty_pair.device_port))
+        counters = CounterFile(tmp_path / "c.json")
+        for device in (1001, 1002):
+            bus.callers[device] = SimCaller(device, caller_key(device), counters, bus.send)
+        async with bus:
+            for device in (1001, 1002):
+                assert (await bus.callers[device].press(bus_key(), give_up_s=5)).acked
+            assert gw.intake is not None
+            gw.intake.submit_event(PersonAnswered("a", "1001-1", "accept"))
+            await wait_until(
+                lambda: (
+                    gw.desk.open_case(1001) is not None
+                    and gw.desk.open_case(1001).accepted_by == "a"
+                ),  # type: ignore[union-attr]
+                what="the acceptance",
+            )
+    return cfg
+
+
+def bus_key():  # the green key
+    from firmware_protocol import Key
+
+    return Key.CALL
+
+
+def test_cases_lists_residents_and_tells_a_story(seeded: Path):
+    r = cli(seeded, "cases")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[:4] == ["case", "resident", "address", "state"]
+    row = next(line for line in lines if line.startswith("1001-1"))
+    assert "accepted" in row
+    assert "甲书记" in row  # who took it, by name
+    # Columns line up although names are Chinese (two columns per character).
+    header_state = text_width(lines[0][: lines[0].index("state")])
+    assert text_width(row[: row.index("accepted")]) == header_state
+
+    story = cli(seeded, "cases", "--case", "1001-1")
+    assert story.returncode == 0, story.stderr
+    assert "-> opened" in story.stdout or "opened" in story.stdout
+    sent = next(line for line in story.stdout.splitlines() if "call to 甲书记 by app" in line)
+    assert "sent" in sent
+
+    data = json.loads(cli(seeded, "cases", "--open", "--json").stdout)
+    assert {c["id"] for c in data} == {"1001-1", "1002-1"}
+
+
+def test_status_when_not_running(seeded: Path):
+    r = cli(seeded, "status")
+    assert r.returncode == 3
+    assert "gateway NOT RUNNING" in r.stdout
+    assert "open cases: 2" in r.stdout
+    data = json.loads(cli(seeded, "status", "--json").stdout)
+    assert data["running"] is False
+    assert len(data["open_cases"]) == 2
+
+
+def test_status_while_running(seeded: Path, daemon_factory):
+    daemon = Daemon(seeded)
+    daemon_factory.append(daemon)
+    daemon.wait_for("gateway ready")
+    deadline_ok = False
+    for _ in range(50):
+        r = cli(seeded, "status")
+        if r.returncode == 0:
+            deadline_ok = True
+            break
+    assert deadline_ok, r.stdout + r.stderr
+    assert "gateway RUNNING" in r.stdout
+    assert "serial:bus1 up" in r.stdout
+    assert "mqtt up" in r.stdout
+    assert "on duty:  甲书记" in r.stdout
+    assert daemon.stop() == 0
+
+
+def test_roster_covers_seven_days(seeded: Path):
+    r = cli(seeded, "roster")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(cli(seeded, "roster", "--json").stdout)
+    assert len({row["date"] for row in data}) == 7
+    assert all(row["on_duty"] == ["a"] for row in data)
+    assert "甲书记" in r.stdout
+
+
+def test_table_aligns_chinese_text():
+    out = table(["名字", "x"], [["王秀英", "1"], ["Li", "2"]]).splitlines()
+    columns = [
+        text_width(line[: line.index(mark)])
+        for line, mark in zip([out[0], out[2], out[3]], ["x", "1", "2"], strict=True)
+    ]
+    assert columns == [8, 8, 8]  # 王秀英 is six columns wide, then two spaces
