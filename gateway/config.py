@@ -31,10 +31,13 @@ __all__ = [
     "ConfigError",
     "GatewayConfig",
     "Loaded",
+    "ModemConfig",
     "MqttLinkConfig",
     "ResidentsFile",
     "SerialLinkConfig",
+    "SyncConfig",
     "load",
+    "load_gateway_file",
     "load_residents",
 ]
 
@@ -109,6 +112,33 @@ class LinksConfig(_Model):
         return self
 
 
+class ModemConfig(_Model):
+    """The 4G module that texts and rings people (SMS and voice channels)."""
+
+    port: str
+    baudrate: Annotated[int, Field(gt=0, le=4_000_000)] = 115200
+    pin: str | None = None
+    ring_s: Annotated[float, Field(ge=5, le=120)] = 30.0
+    # The key a person presses during the call to accept it; "" when the
+    # module cannot hear keys (then an answered call only counts as reached).
+    accept_digit: Annotated[str, Field(pattern=r"^[0-9*#]?$")] = "1"
+    sms_template: str | None = None  # {text} {case} {resident} {address} {how_to_answer}
+    how_to_answer: str | None = None
+
+    @field_validator("sms_template")
+    @classmethod
+    def _known_fields(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        import string
+
+        allowed = {"text", "case", "resident", "address", "how_to_answer"}
+        used = {f for _, f, _, _ in string.Formatter().parse(value) if f}
+        if used - allowed:
+            raise ValueError(f"unknown fields {sorted(used - allowed)}; use {sorted(allowed)}")
+        return value
+
+
 class IntakeConfig(_Model):
     # Presses that arrive together are committed together; an upper bound
     # keeps one transaction short.
@@ -132,14 +162,69 @@ class FilesConfig(_Model):
     roster: Path = Path("roster.toml")
 
 
+class SyncConfig(_Model):
+    """The link to the district's case store (docs/sync.md)."""
+
+    host: str
+    port: Annotated[int, Field(gt=0, lt=65536)] = 1883
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ca_file: Path | None = None  # default with tls: the system's CA certificates
+    client_id: str | None = None  # default: onetouch-sync-{village id}
+    topic_prefix: str | None = None  # default: district/{village id}
+    keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
+    # How long the district's broker keeps this gateway's session (and the
+    # acknowledgements and pushes addressed to it) while the link is down.
+    session_expiry_s: Annotated[int, Field(ge=0, le=0xFFFFFFFF)] = 7 * 86400
+    batch_size: Annotated[int, Field(ge=1, le=10_000)] = 500
+    # Many hosted brokers refuse messages above 128 KiB..1 MiB; a batch is cut
+    # before it grows past this (a single larger record still goes alone).
+    batch_max_bytes: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = 512 * 1024
+    ack_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    retry_min_s: Annotated[float, Field(gt=0)] = 1.0
+    retry_max_s: Annotated[float, Field(gt=0)] = 300.0
+    poll_interval_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    retention_days: Annotated[float, Field(gt=0)] = 30.0
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _plain_prefix(cls, value: str | None) -> str | None:
+        if value is not None and (
+            not value or any(c in value for c in "+#$") or value.endswith("/")
+        ):
+            raise ValueError(
+                f"topic prefix {value!r} must be non-empty, without + # $ or a final /"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.ca_file is not None and not self.tls:
+            raise ValueError("ca_file is set but tls = false; set tls = true to use it")
+        if self.retry_max_s < self.retry_min_s:
+            raise ValueError(
+                f"retry_max_s ({self.retry_max_s}) is less than retry_min_s ({self.retry_min_s})"
+            )
+        return self
+
+    def prefix(self, village_id: str) -> str:
+        return self.topic_prefix or f"district/{village_id}"
+
+    def client(self, village_id: str) -> str:
+        return self.client_id or f"onetouch-sync-{village_id}"
+
+
 class GatewayFile(_Model):
     village: VillageConfig
     store: StoreConfig = StoreConfig()
     files: FilesConfig = FilesConfig()
     links: LinksConfig
+    modem: ModemConfig | None = None
     intake: IntakeConfig = IntakeConfig()
     clock: ClockConfig = ClockConfig()
     log: LogConfig = LogConfig()
+    sync: SyncConfig | None = None
 
 
 class Caller(_Model):
@@ -194,9 +279,11 @@ class GatewayConfig(_Model):
     people_path: Path
     roster_path: Path
     links: LinksConfig
+    modem: ModemConfig | None
     intake: IntakeConfig
     clock: ClockConfig
     log: LogConfig
+    sync: SyncConfig | None = None
 
     @property
     def topic_prefix(self) -> str:
@@ -275,7 +362,23 @@ def load_residents(path: Path) -> ResidentsFile:
 
 
 def load(path: Path | str) -> Loaded:
-    """Read and validate the gateway file and the residents file it names."""
+    """Read and validate the gateway file and every file it names."""
+    gateway = load_gateway_file(path)
+    residents = load_residents(gateway.residents_path)
+    from .village import load_village  # it imports this module's helpers
+
+    village = load_village(
+        gateway.people_path,
+        gateway.roster_path,
+        residents,
+        name=gateway.village.name or gateway.village.id,
+        residents_source=str(gateway.residents_path),
+    )
+    return Loaded(gateway=gateway, residents=residents, village=village)
+
+
+def load_gateway_file(path: Path | str) -> GatewayConfig:
+    """Only gateway.toml, with its paths resolved (for tools that need no roster)."""
     path = Path(path).resolve()
     data = _read_toml(path)
     try:
@@ -290,6 +393,9 @@ def load(path: Path | str) -> Loaded:
     residents_path = base / raw.files.residents
     people_path = base / raw.files.people
     roster_path = base / raw.files.roster
+    sync = raw.sync
+    if sync is not None and sync.ca_file is not None and not sync.ca_file.is_absolute():
+        sync = sync.model_copy(update={"ca_file": base / sync.ca_file})
     gateway = GatewayConfig(
         source=path,
         village=raw.village,
@@ -298,18 +404,10 @@ def load(path: Path | str) -> Loaded:
         people_path=people_path,
         roster_path=roster_path,
         links=raw.links,
+        modem=raw.modem,
         intake=raw.intake,
         clock=raw.clock,
         log=raw.log,
+        sync=sync,
     )
-    residents = load_residents(residents_path)
-    from .village import load_village  # it imports this module's helpers
-
-    village = load_village(
-        people_path,
-        roster_path,
-        residents,
-        name=raw.village.name or raw.village.id,
-        residents_source=str(residents_path),
-    )
-    return Loaded(gateway=gateway, residents=residents, village=village)
+    return gateway

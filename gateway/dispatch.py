@@ -170,6 +170,14 @@ class Dispatcher:
 
     # -- timers ---------------------------------------------------------------------
 
+    def replace(self, desk: Desk, village: Village) -> None:
+        """Carry on with a desk built from a new configuration (same cases)."""
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        self.desk, self.village = desk, village
+        self.rearm(desk.pending_deadlines())
+
     def rearm(self, deadlines: Sequence[ScheduleDeadline]) -> None:
         for deadline in deadlines:
             self._arm(deadline)
@@ -243,6 +251,10 @@ class Dispatcher:
                     case=action.case_id,
                     kind=action.kind.value,
                 )
+                if channel_name == "voice" and "sms" in {c.value for c in person.channels}:
+                    # A ringing phone says "come" but not where to or how to
+                    # answer; the text does, and stays on the phone.
+                    await self._also_sms(action, message)
                 return
             log.warning(
                 "channel failed; trying the next",
@@ -253,6 +265,18 @@ class Dispatcher:
                 rate_key=f"{person.id}:{channel_name}",
             )
             self._submit(NotifyFailed(person.id, action.case_id, channel_name))
+
+    async def _also_sms(self, action: Notify, message: Outgoing) -> None:
+        channel = self._channels.get("sms")
+        if channel is None:
+            return
+        outcome, detail = "sent", "with the call"
+        try:
+            await asyncio.wait_for(channel.send(message), SEND_TIMEOUT_S)
+        except (ChannelError, TimeoutError) as exc:
+            outcome, detail = "failed", str(exc) or "timed out"
+        self._metrics.inc("gateway_notifications_total", channel="sms", outcome=outcome)
+        await self._record(action, "sms", outcome, detail)
 
     async def _record(self, action: Notify, channel: str, outcome: str, detail: str) -> None:
         try:

@@ -129,6 +129,9 @@ class Intake:
         self._queue: asyncio.Queue[_Pending | DeskEvent] = asyncio.Queue()
         self._dispatcher: Dispatcher | None = None
         self.links: list[Link] = []  # every link, for callers whose route is unknown
+        # Held while a batch is decided and committed; a configuration swap
+        # takes it so the desk never changes in the middle of a batch.
+        self.commit_lock = asyncio.Lock()
         self._pending: dict[tuple[int, int], _Pending] = {}
         self._counters = _DownlinkCounters({})
         self._routes: dict[int, Link] = {}
@@ -330,7 +333,8 @@ class Intake:
             while len(batch) < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                await self._commit(batch)
+                async with self.commit_lock:
+                    await self._commit(batch)
             finally:
                 for _ in batch:
                     self._queue.task_done()

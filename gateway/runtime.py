@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .clock import WallClock
-from .config import Loaded
+from .config import ConfigError, Loaded, ModemConfig, load
 from .desk import Desk
 from .dispatch import Dispatcher
 from .events import CallerEvent, HeartbeatReceived, KeyPressed
@@ -19,7 +19,7 @@ from .intake import Intake
 from .links import MqttLink, SerialLink
 from .log import get_logger
 from .metrics import Metrics
-from .notify import Channel
+from .notify import Channel, Outgoing
 from .notify.app import AppChannel
 from .sdnotify import Notifier
 from .status import status_path, write_status
@@ -51,7 +51,12 @@ class Gateway:
         self.store: Store | None = None
         self.intake: Intake | None = None
         self.dispatcher: Dispatcher | None = None
+        self.channels: dict[str, Channel] = {}
+        self.modem: Any = None  # gateway.notify.modem.Modem when [modem] is configured
+        self.phone_answers: Any = None
+        self._background: set[asyncio.Task[Any]] = set()
         self.links: list[Any] = []
+        self.syncer: Any = None  # gateway.sync.Syncer when [sync] is configured
 
     def _on_event(self, event: CallerEvent) -> None:
         if isinstance(event, KeyPressed):
@@ -83,7 +88,7 @@ class Gateway:
             await intake.load()
             self.intake = intake
             self.links = [SerialLink(s, intake.submit, self.metrics) for s in cfg.links.serial]
-            channels: dict[str, Channel] = {}
+            channels = self.channels
             if cfg.links.mqtt is not None:
                 mqtt = MqttLink(
                     cfg.links.mqtt,
@@ -101,6 +106,8 @@ class Gateway:
                     metrics=self.metrics,
                 )
             intake.links = list(self.links)
+            if cfg.modem is not None:
+                self._modem_channels(cfg.modem, intake)
             dispatcher = Dispatcher(
                 self.desk,
                 self.village,
@@ -131,6 +138,20 @@ class Gateway:
             committer = asyncio.create_task(intake.run(), name="intake")
             ticker = asyncio.create_task(dispatcher.tick(), name="tick")
             link_tasks = [asyncio.create_task(link.run(), name=link.name) for link in self.links]
+            if self.modem is not None:
+                link_tasks.append(asyncio.create_task(self.modem.run(), name="modem"))
+            # --- district sync (issue 5): runs and stops with the links. ---
+            if cfg.sync is not None:
+                from .sync import Syncer
+
+                self.syncer = Syncer(
+                    cfg.sync,
+                    village_id=cfg.village.id,
+                    store=store,
+                    apply_config=_apply_config_unsupported,
+                    metrics=self.metrics,
+                )
+                link_tasks.append(asyncio.create_task(self.syncer.run(), name="sync"))
             try:
                 await self._wait_ready()
                 self.ready.set()
@@ -165,6 +186,43 @@ class Gateway:
                 )
             log.info("gateway stopped")
 
+    def _modem_channels(self, cfg: ModemConfig, intake: Intake) -> None:
+        from .notify.answers import PhoneAnswers
+        from .notify.modem import Modem, SmsChannel, VoiceChannel
+
+        self.phone_answers = PhoneAnswers(
+            people=self.village.people,
+            desk=lambda: self.desk,
+            submit=intake.submit_event,
+            metrics=self.metrics,
+        )
+        self.modem = Modem(
+            cfg.port,
+            baudrate=cfg.baudrate,
+            metrics=self.metrics,
+            pin=cfg.pin,
+            on_sms=self.phone_answers.on_sms,
+        )
+        sms_options: dict[str, Any] = {}
+        if cfg.sms_template is not None:
+            sms_options["template"] = cfg.sms_template
+        if cfg.how_to_answer is not None:
+            sms_options["how_to_answer"] = cfg.how_to_answer
+        self.channels["sms"] = SmsChannel(self.modem, details=self._message_details, **sms_options)
+        self.channels["voice"] = VoiceChannel(
+            self.modem,
+            ring_s=cfg.ring_s,
+            accept_digit=cfg.accept_digit or None,
+            on_outcome=self.phone_answers.on_call,
+        )
+
+    def _message_details(self, message: Outgoing) -> dict[str, str]:
+        case = self.desk.cases.get(message.case_id) if message.case_id else None
+        caller = self.village.callers.get(case.device_id) if case is not None else None
+        if caller is None:
+            return {}
+        return {"resident": caller.resident, "address": caller.address}
+
     def status_line(self) -> str:
         up = [link.name for link in self.links if link.up]
         down = [link.name for link in self.links if not link.up]
@@ -172,6 +230,12 @@ class Gateway:
         text = f"links up: {', '.join(up) or 'none'}"
         if down:
             text += f"; DOWN: {', '.join(down)}"
+        if self.modem is not None:
+            text += "; modem " + (
+                f"ready (signal {self.modem.signal_csq})"
+                if self.modem.ready
+                else f"NOT READY ({self.modem.last_error or 'starting'})"
+            )
         open_cases = sum(1 for c in self.desk.snapshot().cases if c.open)
         return f"{text}; open cases: {open_cases}; events stored since start: {stored}"
 
@@ -254,10 +318,82 @@ class Gateway:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._signalled, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._hangup)
+
+    def _hangup(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload_from_disk())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def reload_from_disk(self) -> list[str]:
+        """SIGHUP: read the configuration files again; a bad one changes nothing."""
+        log.info("reloading the configuration", config=str(self.config.source))
+        try:
+            loaded = load(self.config.source)
+        except ConfigError as exc:
+            problems = exc.problems
+        else:
+            problems = await self.reconfigure(loaded)
+        for problem in problems:
+            log.error("configuration NOT reloaded; the running one stays", problem=problem)
+        return problems
+
+    async def reconfigure(self, loaded: Loaded) -> list[str]:
+        """Swap in new residents, people and roster between two batches.
+
+        Open cases carry on with their step and deadline; problems (the same
+        ones check-config reports) refuse the whole change.
+        """
+        from .village import check_coverage
+
+        problems = check_coverage(loaded.village, datetime.now(UTC))
+        if problems:
+            return problems
+        if self.intake is None or self.dispatcher is None:
+            return ["the gateway is still starting; try again"]
+        new = loaded.gateway
+        later = [
+            name
+            for name, old_value, new_value in (
+                ("links", self.config.links, new.links),
+                ("store", self.config.store, new.store),
+                ("village", self.config.village, new.village),
+                ("intake", self.config.intake, new.intake),
+            )
+            if old_value != new_value
+        ]
+        async with self.intake.commit_lock:
+            snap = self.desk.snapshot()
+            desk = Desk(loaded.village)
+            desk.restore(snap.cases, snap.notices, snap.last_seen)
+            self.desk, self.village, self.residents = desk, loaded.village, loaded.residents
+            # Mutated in place: the intake holds this dict's lookup.
+            self._keys.clear()
+            self._keys.update({c.id: c.key_bytes for c in loaded.residents.caller})
+            self.dispatcher.replace(desk, loaded.village)
+            app = self.channels.get("app")
+            if isinstance(app, AppChannel):
+                app.set_people(loaded.village.people)
+            if self.phone_answers is not None:
+                self.phone_answers.set_people(loaded.village.people)
+        log.info(
+            "configuration reloaded",
+            callers=len(self._keys),
+            people=len(loaded.village.people),
+            open_cases=sum(c.open for c in snap.cases),
+        )
+        if later:
+            log.warning("these settings take effect at the next restart", sections=later)
+        return []
 
     def _signalled(self, sig: signal.Signals) -> None:
         log.info("stop requested", signal=sig.name)
         self.stop_requested.set()
+
+
+async def _apply_config_unsupported(version: int, files: dict[str, str]) -> list[str]:
+    # Placeholder until the runtime applies district pushes (validate, swap, persist).
+    return ["configuration push not supported by this gateway yet"]
 
 
 async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:

@@ -337,13 +337,13 @@ class MqttBus:
 
 
 def _load_callers(args: argparse.Namespace) -> tuple[dict[int, bytes], str]:
-    from gateway.config import ConfigError, load, load_residents
+    from gateway.config import ConfigError, load_gateway_file, load_residents
 
     try:
         if args.config:
-            loaded = load(args.config)
-            residents = loaded.residents
-            prefix = args.prefix or loaded.gateway.topic_prefix
+            gateway = load_gateway_file(args.config)
+            residents = load_residents(gateway.residents_path)
+            prefix = args.prefix or gateway.topic_prefix
         else:
             residents = load_residents(Path(args.residents))
             prefix = args.prefix or "onetouch/xiaowang"

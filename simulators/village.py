@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from firmware_protocol import Feedback, Key
+from firmware_protocol import CallerState, Feedback, Key
 
 from .caller import CounterFile, MqttBus, SerialBus, SimCaller
 
@@ -134,59 +134,149 @@ def _residents() -> dict[int, tuple[str, str, bytes]]:
             for c in load_residents(CONFIG / "residents.toml").caller}
 
 
+# How the example village's people answer their app in the demo: quickly, so a
+# whole case fits in a few seconds.
+PERSONAS = {
+    "wang-shuji": "accept:2,arrived:4,resolved:6",
+    "li-fushuji": "accept:2,arrived:4,resolved:6",
+    "chen-wangge2": "accept:3,arrived:5,resolved:7",
+    "liu-wangge3": "accept:3,arrived:5,resolved:7",
+}
+
+
+async def _tail_gateway(log_path: Path, names: dict[str, str]) -> None:
+    """Tell the story from the gateway's own log: cases, who is called, answers."""
+    offset = 0
+    while True:
+        await asyncio.sleep(0.2)
+        try:
+            with log_path.open("rb") as fh:
+                fh.seek(offset)
+                chunk = fh.read()
+        except FileNotFoundError:
+            continue
+        last_newline = chunk.rfind(b"\n")
+        if last_newline < 0:
+            continue
+        offset += last_newline + 1
+        for raw in chunk[: last_newline + 1].splitlines():
+            try:
+                e = json.loads(raw)
+            except ValueError:
+                continue
+            event = e.get("event")
+            if event == "case":
+                who = names.get(str(e.get("current")), e.get("current"))
+                _say(f"  gateway: case {e['case']} is {e['state']}"
+                     + (f", waiting for {who}" if e.get("current") and e["state"] == "notifying"
+                        else ""))
+            elif event == "person notified":
+                _say(f"  gateway: told {names.get(e['person'], e['person'])} by "
+                     f"{e['channel']} ({e['kind']})")
+            elif event == "channel failed; trying the next":
+                _say(f"  gateway: {e['channel']} to {names.get(e['person'], e['person'])} "
+                     f"failed ({e.get('detail')}); trying the next")
+            elif event in ("app answer", "SMS answer"):
+                _say(f"  gateway: {names.get(e['person'], e['person'])} answered "
+                     f"{e['answer']} for case {e['case']}")
+            elif e.get("level") in ("error", "critical"):
+                _say(f"  gateway ERROR: {event} {e.get('problem') or e.get('error') or ''}")
+
+
 async def _drive(village: Village, duration: float | None, every: float, seed: int | None) -> int:
+    from gateway.config import load
+
+    from .app import Phone, parse_persona
+
     rng = random.Random(seed)
-    people = _residents()
-    ids = sorted(people)
+    residents = _residents()
+    ids = sorted(residents)
+    loaded = load(village.config)
+    names = {pid: p.name for pid, p in loaded.village.people.items()}
     counters = CounterFile(village.workdir / "counters.json")
     serial_bus = SerialBus(str(village.bus_tty))
     mqtt_bus = MqttBus("127.0.0.1", village.mqtt_port, "onetouch/xiaowang")
+    led: dict[int, CallerState] = {}
 
     def shown(caller: SimCaller, fb: Feedback) -> None:
+        led[caller.device_id] = fb.state
         color, pattern = caller.led
-        _say(f"caller {caller.device_id} shows {color.name.lower()} {pattern.name.lower()} "
-             f"({fb.state.name.lower().replace('_', ' ')})")
+        _say(f"  caller {caller.device_id} shows {color.name.lower()} "
+             f"{pattern.name.lower().replace('_', ' ')}: "
+             f"{fb.state.name.lower().replace('_', ' ')}")
 
     callers: dict[int, tuple[SimCaller, str]] = {}
     for i, device_id in enumerate(ids):
         bus: SerialBus | MqttBus = serial_bus if i % 2 == 0 else mqtt_bus
-        sim = SimCaller(device_id, people[device_id][2], counters, bus.send, on_feedback=shown)
+        sim = SimCaller(device_id, residents[device_id][2], counters, bus.send, on_feedback=shown)
         bus.callers[device_id] = sim
         callers[device_id] = (sim, "serial bus" if bus is serial_bus else "MQTT")
-    acked = failed = 0
-    async with serial_bus, mqtt_bus:
-        _say(f"{len(ids)} callers online ({len(serial_bus.callers)} on the serial bus, "
-             f"{len(mqtt_bus.callers)} over MQTT); Ctrl-C stops the village")
-        for sim, _ in callers.values():
-            await sim.heartbeat()
-        stop_at = None if duration is None else time.monotonic() + duration
-        tasks: set[asyncio.Task[None]] = set()
+    phones = [
+        Phone(p, parse_persona(PERSONAS.get(pid, "ignore")), "127.0.0.1", village.mqtt_port,
+              loaded.gateway.topic_prefix, lambda text: _say(f"  phone: {text}"))
+        for pid, p in loaded.village.people.items()
+        if p.app_id and p.app_key
+    ]
+    acked = failed = cases = rated = 0
+    background = [asyncio.create_task(_tail_gateway(village.workdir / "gateway.log", names))]
+    background += [asyncio.create_task(phone.run()) for phone in phones]
+    try:
+        async with serial_bus, mqtt_bus:
+            _say(f"{len(ids)} callers online ({len(serial_bus.callers)} on the serial bus, "
+                 f"{len(mqtt_bus.callers)} over MQTT), {len(phones)} phones with the app; "
+                 "Ctrl-C stops the village")
+            for sim, _ in callers.values():
+                await sim.heartbeat()
+            stop_at = None if duration is None else time.monotonic() + duration
 
-        async def press(device_id: int) -> None:
-            nonlocal acked, failed
-            sim, via = callers[device_id]
-            name, address, _ = people[device_id]
-            key = rng.choices(list(Key), weights=[5, 2, 2, 1])[0]
-            _say(f"{name} ({address}, caller {device_id}) presses {KEY_WORDS[key]}")
-            result = await sim.press(key, give_up_s=30)
-            if result.acked:
-                acked += 1
-                _say(f"  -> gateway stored it and acknowledged in {result.latency_s * 1000:.1f} ms"
-                     f" over {via}")
-            else:
-                failed += 1
-                _say(f"  -> NOT acknowledged after {result.attempts} tries over {via}")
+            async def press(device_id: int, key: Key) -> bool:
+                nonlocal acked, failed
+                sim, via = callers[device_id]
+                name, address, _ = residents[device_id]
+                _say(f"{name} ({address}, caller {device_id}) presses {KEY_WORDS[key]}")
+                result = await sim.press(key, give_up_s=30)
+                if result.acked:
+                    acked += 1
+                    _say(f"  gateway stored it and acknowledged in "
+                         f"{result.latency_s * 1000:.1f} ms over {via}")
+                else:
+                    failed += 1
+                    _say(f"  NOT acknowledged after {result.attempts} tries over {via}")
+                return result.acked
 
-        while stop_at is None or time.monotonic() < stop_at:
-            await asyncio.sleep(rng.uniform(0.3, 2 * every))
-            task = asyncio.create_task(press(rng.choice(ids)))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        if tasks:
-            await asyncio.gather(*tasks)
+            async def until(device_id: int, state: CallerState, within_s: float) -> bool:
+                end = time.monotonic() + within_s
+                while led.get(device_id) is not state:
+                    if time.monotonic() > end:
+                        return False
+                    await asyncio.sleep(0.1)
+                return True
+
+            while stop_at is None or time.monotonic() < stop_at:
+                device_id = rng.choice(ids)
+                led.pop(device_id, None)
+                if not await press(device_id, Key.CALL):
+                    continue
+                cases += 1
+                # The resident waits for help, then says how it went.
+                if await until(device_id, CallerState.HELP_COMING, 60) and await until(
+                    device_id, CallerState.IDLE, 60
+                ):
+                    await asyncio.sleep(1.0)
+                    key = Key.UP if rng.random() < 0.8 else Key.DOWN
+                    if await press(device_id, key):
+                        rated += 1
+                        await until(device_id, CallerState.THANKS, 10)
+                await asyncio.sleep(rng.uniform(0.5, every))
+    finally:
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
     counters.flush()
-    _say(f"presses acknowledged: {acked}, not acknowledged: {failed}")
-    print(json.dumps({"acknowledged": acked, "not_acknowledged": failed}), flush=True)
+    _say(f"cases: {cases}, rated: {rated}; presses acknowledged: {acked}, "
+         f"not acknowledged: {failed}")
+    print(json.dumps({"cases": cases, "rated": rated, "acknowledged": acked,
+                      "not_acknowledged": failed}), flush=True)
     return 0 if failed == 0 else 1
 
 

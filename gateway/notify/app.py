@@ -121,6 +121,9 @@ class AppChannel:
         broker.subscribe(f"{prefix}/app/+/status", self._status)
         broker.subscribe(f"{prefix}/app/+/answer", self._answer)
 
+    def set_people(self, people: Mapping[str, Person]) -> None:
+        self._by_app = {p.app_id: p for p in people.values() if p.app_id}
+
     def _app_of(self, topic: str) -> str:
         return topic[len(self._prefix) + len("/app/") :].rsplit("/", 1)[0]
 
