@@ -139,6 +139,13 @@ class ModemConfig(_Model):
         return value
 
 
+class MetricsConfig(_Model):
+    """The Prometheus endpoint.  Loopback by default: the figures name callers."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, lt=65536)] = 9464
+
+
 class IntakeConfig(_Model):
     # Presses that arrive together are committed together; an upper bound
     # keeps one transaction short.
@@ -221,6 +228,7 @@ class GatewayFile(_Model):
     files: FilesConfig = FilesConfig()
     links: LinksConfig
     modem: ModemConfig | None = None
+    metrics: MetricsConfig | None = None
     intake: IntakeConfig = IntakeConfig()
     clock: ClockConfig = ClockConfig()
     log: LogConfig = LogConfig()
@@ -280,6 +288,7 @@ class GatewayConfig(_Model):
     roster_path: Path
     links: LinksConfig
     modem: ModemConfig | None
+    metrics: MetricsConfig | None
     intake: IntakeConfig
     clock: ClockConfig
     log: LogConfig
@@ -405,6 +414,7 @@ def load_gateway_file(path: Path | str) -> GatewayConfig:
         roster_path=roster_path,
         links=raw.links,
         modem=raw.modem,
+        metrics=raw.metrics,
         intake=raw.intake,
         clock=raw.clock,
         log=raw.log,

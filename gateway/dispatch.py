@@ -55,6 +55,9 @@ TICK_S = 60.0  # supervision: silent callers, overdue deadlines
 SEND_TIMEOUT_S = 30.0  # a channel that takes longer to take a message has failed
 
 
+_ACCEPT_BUCKETS = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+
+
 @dataclass
 class Prepared:
     snapshot: DeskSnapshot
@@ -137,7 +140,15 @@ class Dispatcher:
         self.desk.restore(snap.cases, snap.notices, snap.last_seen)
 
     def apply(self, prepared: Prepared) -> None:
+        before = {c.id: c for c in prepared.snapshot.cases}
         for case in prepared.writes.cases:
+            previous = before.get(case.id)
+            if case.accepted_at is not None and (previous is None or previous.accepted_at is None):
+                self._metrics.observe(
+                    "gateway_time_to_accept_seconds",
+                    case.accepted_at - case.opened_at,
+                    _ACCEPT_BUCKETS,
+                )
             log.info(
                 "case",
                 case=case.id,

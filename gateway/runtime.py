@@ -54,6 +54,8 @@ class Gateway:
         self.channels: dict[str, Channel] = {}
         self.modem: Any = None  # gateway.notify.modem.Modem when [modem] is configured
         self.phone_answers: Any = None
+        self.metrics_server: Any = None
+        self._backlog: int | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.links: list[Any] = []
         self.syncer: Any = None  # gateway.sync.Syncer when [sync] is configured
@@ -135,6 +137,17 @@ class Gateway:
                     open=sum(c.open for c in state.cases),
                     deadlines=len(self.desk.pending_deadlines()),
                 )
+            if cfg.metrics is not None:
+                from .prometheus import MetricsServer
+
+                self.metrics_server = MetricsServer(
+                    self.metrics,
+                    cfg.metrics.host,
+                    cfg.metrics.port,
+                    extra=self._metric_extras,
+                    refresh=self._refresh_metrics,
+                )
+                await self.metrics_server.start()
             committer = asyncio.create_task(intake.run(), name="intake")
             ticker = asyncio.create_task(dispatcher.tick(), name="tick")
             link_tasks = [asyncio.create_task(link.run(), name=link.name) for link in self.links]
@@ -175,6 +188,8 @@ class Gateway:
                 await _cancel(link_tasks)
                 await _cancel([ticker])
                 dispatcher.stop()
+                if self.metrics_server is not None:
+                    await self.metrics_server.stop()
                 await intake.drain(SHUTDOWN_GRACE_S)
                 await _cancel([committer])
         finally:
@@ -222,6 +237,22 @@ class Gateway:
         if caller is None:
             return {}
         return {"resident": caller.resident, "address": caller.address}
+
+    def _metric_extras(self) -> dict[str, Any]:
+        snap = self.desk.snapshot()
+        by_state: dict[str, int] = {}
+        for case in snap.cases:
+            by_state[case.state.value] = by_state.get(case.state.value, 0) + 1
+        return {
+            "gateway_cases": by_state,
+            "gateway_callers_offline": sum(1 for n in snap.notices if n.kind.value == "offline"),
+            "gateway_backlog_records": self._backlog,
+        }
+
+    async def _refresh_metrics(self) -> None:
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                self._backlog = await self.store.outbox_count()
 
     def status_line(self) -> str:
         up = [link.name for link in self.links if link.up]
