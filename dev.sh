@@ -20,6 +20,11 @@ install() {
     fi
     python3 -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv)
     for tool in "${tools[@]}"; do
+        if [ "$tool" = postgresql ]; then
+            # Debian keeps initdb and pg_ctl out of PATH, in /usr/lib/postgresql/VERSION/bin.
+            compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || packages+=(postgresql)
+            continue
+        fi
         command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || packages+=("$tool")
     done
     if [ ${#packages[@]} -gt 0 ]; then
@@ -54,7 +59,7 @@ case "${1:-}" in
         exec .venv/bin/python -m simulators.village "$@"
         ;;
     test)
-        install gcc  # the tests compile the C reference code in SPEC.md
+        install gcc postgresql  # gcc: the C reference code in SPEC.md; postgresql: sync tests
         shift
         say "ruff"
         .venv/bin/ruff check --output-format concise .

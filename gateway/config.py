@@ -7,6 +7,7 @@ so a copied config directory keeps working wherever it is put.
 
 from __future__ import annotations
 
+import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -370,9 +371,59 @@ def load_residents(path: Path) -> ResidentsFile:
         raise ConfigError(_describe(exc, path, data)) from None
 
 
-def load(path: Path | str) -> Loaded:
-    """Read and validate the gateway file and every file it names."""
+DISTRICT_DIR = "district-config"  # beside the database: the files the district pushed
+
+
+def district_overrides(gateway: GatewayConfig) -> dict[str, Path]:
+    """Files the district pushed that are newer than the local copy.
+
+    Pushed files live in the state directory (the configuration directory is
+    read-only for the service).  A local edit made after the push wins: IT
+    staff who change roster.toml and reload must see their change in force.
+    """
+    current = gateway.store.path.parent / DISTRICT_DIR / "current.json"
+    try:
+        record = json.loads(current.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    folder = current.parent / f"v{int(record['version'])}"
+    local = {
+        "residents.toml": gateway.residents_path,
+        "people.toml": gateway.people_path,
+        "roster.toml": gateway.roster_path,
+    }
+    out = {}
+    for name in record.get("files", []):
+        pushed = folder / name
+        mine = local.get(name)
+        if mine is None or not pushed.exists():
+            continue
+        try:
+            newer_locally = mine.stat().st_mtime > float(record["applied_at"])
+        except FileNotFoundError:
+            newer_locally = False
+        if not newer_locally:
+            out[name] = pushed
+    return out
+
+
+def load(path: Path | str, *, overrides: dict[str, Path] | None = None) -> Loaded:
+    """Read and validate the gateway file and every file it names.
+
+    ``overrides`` replaces residents.toml, people.toml or roster.toml by other
+    files (a district push); by default the pushes in force are used.
+    """
     gateway = load_gateway_file(path)
+    if overrides is None:
+        overrides = district_overrides(gateway)
+    if overrides:
+        gateway = gateway.model_copy(
+            update={
+                "residents_path": overrides.get("residents.toml", gateway.residents_path),
+                "people_path": overrides.get("people.toml", gateway.people_path),
+                "roster_path": overrides.get("roster.toml", gateway.roster_path),
+            }
+        )
     residents = load_residents(gateway.residents_path)
     from .village import load_village  # it imports this module's helpers
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import shutil
 import signal
 import time
 from datetime import UTC, datetime
 from typing import Any
 
 from .clock import WallClock
-from .config import ConfigError, Loaded, ModemConfig, load
+from .config import DISTRICT_DIR, ConfigError, Loaded, ModemConfig, district_overrides, load
 from .desk import Desk
 from .dispatch import Dispatcher
 from .events import CallerEvent, HeartbeatReceived, KeyPressed
@@ -23,7 +25,7 @@ from .notify import Channel, Outgoing
 from .notify.app import AppChannel
 from .sdnotify import Notifier
 from .status import status_path, write_status
-from .store import Store
+from .store import Store, StoreError
 
 __all__ = ["SHUTDOWN_GRACE_S", "Gateway"]
 
@@ -32,6 +34,9 @@ log = get_logger("gateway.runtime")
 # SIGTERM: frames already received get this long to reach the disk and be
 # acknowledged; systemd's stop timeout is set well above it.
 SHUTDOWN_GRACE_S = 5.0
+# Heartbeats older than a week are of no more use (presses and cases are kept).
+HEARTBEAT_KEEP_S = 7 * 86400.0
+PRUNE_EVERY_S = 3600.0
 
 
 class Gateway:
@@ -161,7 +166,7 @@ class Gateway:
                     cfg.sync,
                     village_id=cfg.village.id,
                     store=store,
-                    apply_config=_apply_config_unsupported,
+                    apply_config=self.apply_district_config,
                     metrics=self.metrics,
                 )
                 link_tasks.append(asyncio.create_task(self.syncer.run(), name="sync"))
@@ -279,6 +284,7 @@ class Gateway:
         watchdog = self.notifier.watchdog_interval_s
         period = min(watchdog, 10.0) if watchdog is not None else 10.0
         last_status = ""
+        next_prune = time.monotonic() + 60.0  # not in the middle of start-up
         while True:
             fields: dict[str, str | int] = {}
             if watchdog is not None:
@@ -292,6 +298,15 @@ class Gateway:
                 write_status(status_path(self.config.store.path), self.status_snapshot())
             except OSError as exc:
                 log.warning("status file not written", error=str(exc), rate_key="status")
+            if time.monotonic() >= next_prune and self.store is not None:
+                next_prune = time.monotonic() + PRUNE_EVERY_S
+                try:
+                    pruned = await self.store.prune_heartbeats(time.time() - HEARTBEAT_KEEP_S)
+                except StoreError as exc:
+                    log.warning("old heartbeats not pruned", error=str(exc), rate_key="prune")
+                else:
+                    if pruned:
+                        log.info("old heartbeats pruned", rows=pruned)
             await asyncio.sleep(period)
 
     def status_snapshot(self) -> dict[str, Any]:
@@ -369,6 +384,50 @@ class Gateway:
             log.error("configuration NOT reloaded; the running one stays", problem=problem)
         return problems
 
+    async def apply_district_config(self, version: int, files: dict[str, str]) -> list[str]:
+        """A configuration the district pushed: check it like check-config, put it
+        in force without dropping open cases, and keep it for the next start.
+        A push with any problem changes nothing."""
+        base = self.config.store.path.parent / DISTRICT_DIR
+        stage = base / f"v{version}.incoming"
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
+        try:
+            for name, text in files.items():
+                (stage / name).write_text(text, encoding="utf-8")
+            overrides = {**district_overrides(self.config), **{n: stage / n for n in files}}
+            try:
+                loaded = load(self.config.source, overrides=overrides)
+            except ConfigError as exc:
+                return [p.replace(str(stage) + "/", "") for p in exc.problems]
+            final = base / f"v{version}"
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(stage, final)
+            loaded = load(
+                self.config.source, overrides={**overrides, **{n: final / n for n in files}}
+            )
+            problems = await self.reconfigure(loaded)
+            if problems:
+                return problems
+            in_force = sorted({*files, *district_overrides(self.config)})
+            record = {"version": version, "files": in_force, "applied_at": time.time()}
+            # Older pushed files still in force are carried into this version's folder.
+            for name in in_force:
+                if name not in files:
+                    shutil.copy2(overrides[name], final / name)
+            tmp = base / "current.json.tmp"
+            tmp.write_text(json.dumps(record))
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # the record must not be lost behind a power cut
+            finally:
+                os.close(fd)
+            os.replace(tmp, base / "current.json")
+            log.info("district configuration in force", version=version, files=sorted(files))
+            return []
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
     async def reconfigure(self, loaded: Loaded) -> list[str]:
         """Swap in new residents, people and roster between two batches.
 
@@ -420,11 +479,6 @@ class Gateway:
     def _signalled(self, sig: signal.Signals) -> None:
         log.info("stop requested", signal=sig.name)
         self.stop_requested.set()
-
-
-async def _apply_config_unsupported(version: int, files: dict[str, str]) -> list[str]:
-    # Placeholder until the runtime applies district pushes (validate, swap, persist).
-    return ["configuration push not supported by this gateway yet"]
 
 
 async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:

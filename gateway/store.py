@@ -21,7 +21,16 @@ from firmware_protocol import Key
 from .desk import Case, Notice, case_from_dict, case_to_dict, notice_from_dict, notice_to_dict
 from .events import CallerEvent, HeartbeatReceived, KeyPressed
 
-__all__ = ["SCHEMA_VERSION", "DeskState", "DeskWrites", "JournalRow", "Store", "StoreError"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "DeskState",
+    "DeskWrites",
+    "JournalRow",
+    "OutboxRow",
+    "OutboxStats",
+    "Store",
+    "StoreError",
+]
 
 # Each entry moves the schema from version i to i + 1.  Never edit a released
 # entry: add a new one, so a gateway in the field upgrades in place.
@@ -103,6 +112,16 @@ _MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX notifications_case ON notifications (case_id, id);
     """,
+    # 3: district sync.  store_id names this database for ever: outbox ids
+    # restart at 1 in a new database (an SD card replaced), and the district
+    # must not mistake those records for ones it already has.
+    """
+    CREATE TABLE sync_state (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    INSERT INTO sync_state (key, value) VALUES ('store_id', lower(hex(randomblob(16))));
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -146,6 +165,26 @@ class DeskState:
 
 def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """An outbox record as the sync sends it; ``payload`` is the stored JSON text."""
+
+    id: int
+    kind: str
+    case_id: str | None
+    created_at: float
+    wall_trusted: bool
+    payload: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    backlog: int  # records not yet acknowledged by the district
+    oldest_id: int | None
+    oldest_created_at: float | None  # wall time of the oldest unacknowledged record
+    acked: int  # acknowledged records still kept (until the retention period ends)
 
 
 class StoreError(Exception):
@@ -400,6 +439,27 @@ class Store:
         ) as cur:
             return [dict(r) for r in await cur.fetchall()]
 
+    async def prune_heartbeats(self, before: float, limit: int = 50_000) -> int:
+        """Delete heartbeats older than ``before``, keeping each caller's newest
+        frame: replay protection needs every caller's highest counter.
+
+        Presses are never pruned here; heartbeats are most of the journal (a
+        village of 300 callers sends 86,000 a day) and an SD card is small.
+        """
+        try:
+            async with self._write:
+                cur = await self._db.execute(
+                    "DELETE FROM events WHERE id IN ("
+                    " SELECT e.id FROM events e WHERE e.kind = 'heartbeat' AND e.received_at < ?"
+                    " AND e.counter < (SELECT MAX(counter) FROM events m"
+                    "                  WHERE m.device_id = e.device_id)"
+                    " LIMIT ?)",
+                    (before, limit),
+                )
+                return cur.rowcount
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: could not prune heartbeats: {exc}") from exc
+
     async def outbox_count(self) -> int:
         async with self._db.execute("SELECT COUNT(*) FROM outbox WHERE acked_at IS NULL") as cur:
             row = await cur.fetchone()
@@ -439,3 +499,113 @@ class Store:
                 await self._db.execute(_RESERVE, (device_id, up_to))
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: could not reserve downlink counters: {exc}") from exc
+
+    # --- district sync (gateway/sync.py) ------------------------------------
+
+    async def outbox_batch(self, after_id: int, limit: int) -> list[OutboxRow]:
+        """Unacknowledged records with ``id > after_id``, oldest first."""
+        async with self._db.execute(
+            "SELECT id, kind, case_id, created_at, wall_trusted, payload FROM outbox "
+            "WHERE acked_at IS NULL AND id > ? ORDER BY id LIMIT ?",
+            (after_id, limit),
+        ) as cur:
+            return [
+                OutboxRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5]) for r in await cur.fetchall()
+            ]
+
+    async def outbox_ack(self, ids: Sequence[int], at: float) -> int:
+        """Mark records acknowledged by the district; returns how many were newly marked."""
+        if not ids:
+            return 0
+        try:
+            async with self._write:
+                await self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    cur = await self._db.executemany(
+                        "UPDATE outbox SET acked_at = ? WHERE id = ? AND acked_at IS NULL",
+                        [(at, i) for i in ids],
+                    )
+                    changed = cur.rowcount
+                    await self._db.execute("COMMIT")
+                except BaseException:
+                    await self._db.execute("ROLLBACK")
+                    raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: could not mark outbox records sent: {exc}") from exc
+        return max(changed, 0)
+
+    async def outbox_prune(self, before: float, limit: int = 10_000) -> int:
+        """Delete up to ``limit`` records acknowledged before ``before``; never unacked ones.
+
+        The newest row is always kept: ``id`` is not AUTOINCREMENT, so SQLite
+        would hand a deleted maximum id out again, and the district would take
+        a new record for one it already has.
+        """
+        try:
+            async with self._write:
+                cur = await self._db.execute(
+                    "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox "
+                    "WHERE acked_at IS NOT NULL AND acked_at < ? "
+                    "AND id < (SELECT MAX(id) FROM outbox) ORDER BY id LIMIT ?)",
+                    (before, limit),
+                )
+                return max(cur.rowcount, 0)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: could not prune the outbox: {exc}") from exc
+
+    async def outbox_stats(self, *, count_acked: bool = True) -> OutboxStats:
+        """Backlog and its oldest record (cheap: the pending index); ``acked`` is a
+        table scan, so it is 0 unless ``count_acked``."""
+        async with self._db.execute(
+            "SELECT COUNT(*), MIN(id) FROM outbox WHERE acked_at IS NULL"
+        ) as cur:
+            row = await cur.fetchone()
+        backlog, oldest_id = (int(row[0]), row[1]) if row else (0, None)
+        oldest_at = None
+        if oldest_id is not None:
+            async with self._db.execute(
+                "SELECT created_at FROM outbox WHERE id = ?", (oldest_id,)
+            ) as cur:
+                r = await cur.fetchone()
+            oldest_at = float(r[0]) if r else None
+        acked = 0
+        if count_acked:
+            async with self._db.execute(
+                "SELECT COUNT(*) FROM outbox WHERE acked_at IS NOT NULL"
+            ) as cur:
+                row = await cur.fetchone()
+            acked = int(row[0]) if row else 0
+        return OutboxStats(backlog, oldest_id, oldest_at, acked)
+
+    async def store_id(self) -> str:
+        """This database's identity, made once by the migration that added sync."""
+        value = await self.sync_state("store_id")
+        if value is None:
+            raise StoreError(f"{self.path}: sync_state has no store_id")
+        return value
+
+    async def sync_state(self, key: str) -> str | None:
+        async with self._db.execute("SELECT value FROM sync_state WHERE key = ?", (key,)) as cur:
+            row = await cur.fetchone()
+        return str(row[0]) if row else None
+
+    async def set_sync_state(self, values: dict[str, str | None]) -> None:
+        """Set (or, for None, delete) sync bookkeeping values in one transaction."""
+        try:
+            async with self._write:
+                await self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for key, value in values.items():
+                        if value is None:
+                            await self._db.execute("DELETE FROM sync_state WHERE key = ?", (key,))
+                        else:
+                            await self._db.execute(
+                                "INSERT OR REPLACE INTO sync_state (key, value) VALUES (?, ?)",
+                                (key, value),
+                            )
+                    await self._db.execute("COMMIT")
+                except BaseException:
+                    await self._db.execute("ROLLBACK")
+                    raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: could not save sync state: {exc}") from exc

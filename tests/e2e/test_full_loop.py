@@ -99,7 +99,7 @@ async def test_ring_escalate_sms_accept_app_resolve_thumbs_up(
     modem_pair = Pair(require_binary("socat", "socat"), tmp_path / "ttyMODEM",
                       tmp_path / "ttyMODEMSIM")
     modem_pair.start()
-    sim = subprocess.Popen(
+    sim = subprocess.Popen(  # noqa: ASYNC220 -- started once, read after the test
         [sys.executable, "-m", "simulators.modem", "--port", str(modem_pair.device_port),
          "--never", A_PHONE, "--reply", f"{B_PHONE}:1:1 收到"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -151,7 +151,7 @@ async def test_ring_escalate_sms_accept_app_resolve_thumbs_up(
             while CallerState.THANKS not in states:
                 assert time.monotonic() < deadline, f"no thanks; caller saw {states}"
                 await asyncio.sleep(0.1)
-        story = subprocess.run(
+        story = subprocess.run(  # noqa: ASYNC221 -- the CLI, once, nothing else runs
             [sys.executable, "-m", "gateway", "cases", "--case", f"{DEV}-1", "--json",
              "--config", str(cfg)], cwd=REPO, capture_output=True, text=True, timeout=30,
         )

@@ -1,0 +1,119 @@
+"""The sync contract between a village gateway and the district's case store.
+
+These models are the code form of ``docs/sync.md``: both ends import them, so
+the gateway and the reference central store cannot drift apart silently.
+Every payload carries ``v`` (the schema version); a receiver rejects a
+version it does not know instead of guessing at its fields.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "CONFIG_FILES",
+    "SCHEMA_VERSION",
+    "Ack",
+    "Batch",
+    "ConfigPush",
+    "ConfigReport",
+    "Record",
+    "SyncTopics",
+]
+
+SCHEMA_VERSION = 1
+# The only files the district may replace; gateway.toml (links, store path)
+# stays under the control of whoever installed the gateway.
+CONFIG_FILES = frozenset({"people.toml", "roster.toml", "residents.toml"})
+MAX_CONFIG_FILE_BYTES = 1_000_000
+
+VillageId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
+StoreId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+
+
+class _Msg(BaseModel):
+    # Unknown fields are ignored (not forbidden) so that a newer sender can add
+    # optional fields within one schema version without breaking older readers.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Record(_Msg):
+    """One outbox row.  ``(village, store, id)`` identifies it for ever."""
+
+    id: Annotated[int, Field(ge=1)]
+    kind: str
+    case_id: str | None = None
+    created_at: float
+    wall_trusted: bool
+    payload: dict[str, Any]
+
+
+class Batch(_Msg):
+    v: Literal[1] = 1
+    village: VillageId
+    store: StoreId  # the gateway database's identity; see docs/sync.md "idempotency"
+    batch: str
+    sent_at: float
+    records: Annotated[list[Record], Field(min_length=1)]
+
+
+class Ack(_Msg):
+    """The central store committed these records (new or already known)."""
+
+    v: Literal[1] = 1
+    village: VillageId
+    store: StoreId
+    batch: str
+    ids: list[int]
+    committed_at: float
+
+
+class ConfigPush(_Msg):
+    v: Literal[1] = 1
+    village: VillageId
+    version: Annotated[int, Field(ge=1)]
+    push_id: Annotated[str, Field(min_length=1, max_length=64)]
+    files: dict[str, str]
+    sent_at: float = 0.0
+
+    @field_validator("files")
+    @classmethod
+    def _known_files(cls, files: dict[str, str]) -> dict[str, str]:
+        if not files:
+            raise ValueError("a configuration push names no files")
+        unknown = sorted(set(files) - CONFIG_FILES)
+        if unknown:
+            raise ValueError(f"files {unknown} cannot be pushed; only {sorted(CONFIG_FILES)} can")
+        big = sorted(n for n, t in files.items() if len(t.encode()) > MAX_CONFIG_FILE_BYTES)
+        if big:
+            raise ValueError(f"files {big} are larger than {MAX_CONFIG_FILE_BYTES} bytes")
+        return files
+
+
+class ConfigReport(_Msg):
+    v: Literal[1] = 1
+    village: VillageId
+    version: int
+    push_id: str
+    applied: bool
+    problems: list[str] = []
+    applied_version: int | None = None  # the version in force after this push
+    at: float
+
+
+class SyncTopics:
+    """Topic names under one village's prefix (default ``district/{village}``)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.batch = f"{prefix}/sync/batch"
+        self.ack = f"{prefix}/sync/ack"
+        self.config_push = f"{prefix}/config/push"
+        self.config_report = f"{prefix}/config/report"
+
+    @staticmethod
+    def shared(group: str, root: str) -> tuple[str, str]:
+        """The central side's shared subscriptions for every village under ``root``."""
+        return (f"$share/{group}/{root}/+/sync/batch", f"$share/{group}/{root}/+/config/report")
