@@ -87,8 +87,14 @@ class Village:
             f'people = "{CONFIG / "people.toml"}"\nroster = "{CONFIG / "roster.toml"}"\n\n'
             f'[[links.serial]]\nname = "bus1"\nport = "{self.gateway_tty}"\n\n'
             f"[links.mqtt]\nhost = \"127.0.0.1\"\nport = {self.mqtt_port}\n\n"
+            # The district's broker is this same private broker in the demo.
+            f"[sync]\nhost = \"127.0.0.1\"\nport = {self.mqtt_port}\npoll_interval_s = 0.5\n\n"
             '[clock]\ntrust = "always"\n\n[log]\nformat = "json"\n'
         )
+        self._start("district store", [sys.executable, "-m", "simulators.central_store",
+                                       "--mqtt", f"127.0.0.1:{self.mqtt_port}",
+                                       "--db", f"sqlite:{self.workdir / 'district.db'}",
+                                       "serve"], self.workdir / "district.log")
         self._start("gateway", [sys.executable, "-m", "gateway", "run", "--config",
                                 str(self.config)], self.workdir / "gateway.log")
         self._wait(self._gateway_ready, "the gateway", timeout=30)
@@ -183,6 +189,31 @@ async def _tail_gateway(log_path: Path, names: dict[str, str]) -> None:
                 _say(f"  gateway ERROR: {event} {e.get('problem') or e.get('error') or ''}")
 
 
+async def _tail_district(log_path: Path) -> None:
+    """What the district's case store says it committed."""
+    offset = 0
+    while True:
+        await asyncio.sleep(0.3)
+        try:
+            with log_path.open("rb") as fh:
+                fh.seek(offset)
+                chunk = fh.read()
+        except FileNotFoundError:
+            continue
+        last_newline = chunk.rfind(b"\n")
+        if last_newline < 0:
+            continue
+        offset += last_newline + 1
+        for raw in chunk[: last_newline + 1].splitlines():
+            try:
+                e = json.loads(raw)
+            except ValueError:
+                continue
+            if e.get("event") == "batch committed" and e.get("new"):
+                _say(f"  district: case store committed {e['new']} new record(s) "
+                     f"from {e.get('village')}")
+
+
 async def _drive(village: Village, duration: float | None, every: float, seed: int | None) -> int:
     from gateway.config import load
 
@@ -218,7 +249,8 @@ async def _drive(village: Village, duration: float | None, every: float, seed: i
         if p.app_id and p.app_key
     ]
     acked = failed = cases = rated = 0
-    background = [asyncio.create_task(_tail_gateway(village.workdir / "gateway.log", names))]
+    background = [asyncio.create_task(_tail_gateway(village.workdir / "gateway.log", names)),
+                  asyncio.create_task(_tail_district(village.workdir / "district.log"))]
     background += [asyncio.create_task(phone.run()) for phone in phones]
     try:
         async with serial_bus, mqtt_bus:

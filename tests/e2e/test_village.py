@@ -65,8 +65,9 @@ def test_village_runs_and_leaves_no_process(tmp_path):
     assert "acknowledged in" in r.stdout
     assert "help coming" in r.stdout
     assert "is resolved" in r.stdout
+    assert "district: case store committed" in r.stdout
     pids = _pids(r.stdout)
-    assert len(pids) == 3
+    assert len(pids) == 4  # broker, serial bus, district store, gateway
     assert not [p for p in pids if _alive(p)]
 
 
