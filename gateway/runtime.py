@@ -272,8 +272,17 @@ class Gateway:
                 if self.modem.ready
                 else f"NOT READY ({self.modem.last_error or 'starting'})"
             )
-        open_cases = sum(1 for c in self.desk.snapshot().cases if c.open)
-        return f"{text}; open cases: {open_cases}; events stored since start: {stored}"
+        snap = self.desk.snapshot()
+        open_cases = sum(1 for c in snap.cases if c.open)
+        now = time.time()
+        allowance = self.village.settings.heartbeat_allowance_s
+        heard = sum(
+            1 for d, t in snap.last_seen.items() if d in self._keys and now - t <= allowance
+        )
+        text += f"; callers heard: {heard}/{len(self._keys)}; open cases: {open_cases}"
+        if self._backlog is not None:
+            text += f"; to district: {self._backlog}"
+        return f"{text}; events stored since start: {stored}"
 
     async def _supervise(self) -> None:
         """Watchdog pings and the status line, from the event loop itself.
@@ -289,6 +298,7 @@ class Gateway:
             fields: dict[str, str | int] = {}
             if watchdog is not None:
                 fields["watchdog"] = 1
+            await self._refresh_metrics()  # the district backlog, for the status line
             status = self.status_line()
             if status != last_status:
                 fields["status"] = last_status = status

@@ -78,6 +78,12 @@ class Village:
                                    f"pty,raw,echo=0,link={self.bus_tty}"],
                     self.workdir / "socat.log")
         self._wait(lambda: self.gateway_tty.exists() and self.bus_tty.exists(), "the serial bus")
+        # The 4G module: phones that are rung never answer (people answer in
+        # the app), texts are delivered.
+        self.modem_tty = self.workdir / "ttyMODEM"
+        self._start("4G modem", [sys.executable, "-m", "simulators.modem", "--link",
+                                 str(self.modem_tty)], self.workdir / "modem.log")
+        self._wait(lambda: self.modem_tty.exists(), "the modem simulator")
         self._wait(lambda: _listening(self.mqtt_port), "the MQTT broker")
         self.config.write_text(
             f"# Written by simulators.village from {CONFIG}/gateway.toml\n"
@@ -88,6 +94,7 @@ class Village:
             f'[[links.serial]]\nname = "bus1"\nport = "{self.gateway_tty}"\n\n'
             f"[links.mqtt]\nhost = \"127.0.0.1\"\nport = {self.mqtt_port}\n\n"
             # The district's broker is this same private broker in the demo.
+            f'[modem]\nport = "{self.modem_tty}"\nring_s = 10\n\n'
             f"[sync]\nhost = \"127.0.0.1\"\nport = {self.mqtt_port}\npoll_interval_s = 0.5\n\n"
             '[clock]\ntrust = "always"\n\n[log]\nformat = "json"\n'
         )
@@ -214,6 +221,34 @@ async def _tail_district(log_path: Path) -> None:
                      f"from {e.get('village')}")
 
 
+async def _tail_modem(log_path: Path) -> None:
+    """The texts and calls the 4G module was asked to make."""
+    offset = 0
+    while True:
+        await asyncio.sleep(0.3)
+        try:
+            with log_path.open("rb") as fh:
+                fh.seek(offset)
+                chunk = fh.read()
+        except FileNotFoundError:
+            continue
+        last_newline = chunk.rfind(b"\n")
+        if last_newline < 0:
+            continue
+        offset += last_newline + 1
+        for raw in chunk[: last_newline + 1].splitlines():
+            try:
+                e = json.loads(raw)
+            except ValueError:
+                continue
+            number = str(e.get("number", ""))
+            masked = number[:3] + "****" + number[-4:] if len(number) > 7 else number
+            if e.get("event") == "sms":
+                _say(f"  modem: text to {masked}: {e.get('text')}")
+            elif e.get("event") == "call":
+                _say(f"  modem: ringing {masked}")
+
+
 async def _drive(village: Village, duration: float | None, every: float, seed: int | None) -> int:
     from gateway.config import load
 
@@ -250,7 +285,8 @@ async def _drive(village: Village, duration: float | None, every: float, seed: i
     ]
     acked = failed = cases = rated = 0
     background = [asyncio.create_task(_tail_gateway(village.workdir / "gateway.log", names)),
-                  asyncio.create_task(_tail_district(village.workdir / "district.log"))]
+                  asyncio.create_task(_tail_district(village.workdir / "district.log")),
+                  asyncio.create_task(_tail_modem(village.workdir / "modem.log"))]
     background += [asyncio.create_task(phone.run()) for phone in phones]
     try:
         async with serial_bus, mqtt_bus:

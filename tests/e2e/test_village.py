@@ -67,7 +67,7 @@ def test_village_runs_and_leaves_no_process(tmp_path):
     assert "is resolved" in r.stdout
     assert "district: case store committed" in r.stdout
     pids = _pids(r.stdout)
-    assert len(pids) == 4  # broker, serial bus, district store, gateway
+    assert len(pids) == 5  # broker, serial bus, modem, district store, gateway
     assert not [p for p in pids if _alive(p)]
 
 
