@@ -16,19 +16,26 @@ from .conftest import Daemon
 pytestmark = pytest.mark.e2e
 
 
-def _read_until(fd: int, needle: str, timeout: float = 20.0) -> str:
-    seen = ""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.1)
-        if ready:
-            try:
-                seen += os.read(fd, 4096).decode(errors="replace")
-            except OSError:
-                break
-            if needle in seen:
-                return seen
-    raise AssertionError(f"never saw {needle!r}; terminal showed:\n{seen}")
+class Terminal:
+    """What a program wrote to its terminal so far; waits look at all of it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.seen = ""
+
+    def wait_for(self, needle: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in self.seen:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"never saw {needle!r}; terminal showed:\n{self.seen}")
+            ready, _, _ = select.select([self.fd], [], [], 0.1)
+            if ready:
+                try:
+                    self.seen += os.read(self.fd, 4096).decode(errors="replace")
+                except OSError:
+                    break
+        if needle not in self.seen:
+            raise AssertionError(f"never saw {needle!r}; terminal showed:\n{self.seen}")
 
 
 def test_keys_on_a_terminal_reach_the_gateway_and_the_led_follows(
@@ -47,11 +54,12 @@ def test_keys_on_a_terminal_reach_the_gateway_and_the_led_follows(
     )
     os.close(terminal)
     try:
-        _read_until(controller, "q = quit")
+        screen = Terminal(controller)
+        screen.wait_for("q = quit")
         os.write(controller, b"g")
-        _read_until(controller, "call acknowledged")
+        screen.wait_for("call acknowledged")
         # The desk lights the caller: received, the gateway is finding someone.
-        _read_until(controller, "LED amber")
+        screen.wait_for("LED amber")
         os.write(controller, b"q")
         assert proc.wait(15) == 0
     finally:
