@@ -4,6 +4,7 @@
 #
 #   bash dev.sh demo    install, then run a simulated village (Ctrl-C stops it)
 #   bash dev.sh test    install, then run the lint and the whole test suite
+#   bash dev.sh bench   install, then run the benchmarks (minutes; not part of the tests)
 #   bash dev.sh install install only
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -58,6 +59,13 @@ case "${1:-}" in
         say "starting a simulated village: broker, serial bus, gateway and 36 callers"
         exec .venv/bin/python -m simulators.village "$@"
         ;;
+    bench)
+        install
+        shift
+        say "benchmarks: figures in bench/results/, see bench/README.md"
+        .venv/bin/python -m bench.press_latency "$@"
+        exec .venv/bin/python -m bench.sync_drain
+        ;;
     test)
         install gcc postgresql  # gcc: the C reference code in SPEC.md; postgresql: sync tests
         shift
@@ -67,7 +75,7 @@ case "${1:-}" in
         exec .venv/bin/python -m pytest "$@"
         ;;
     *)
-        sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
         exit 2
         ;;
 esac

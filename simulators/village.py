@@ -21,8 +21,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from firmware_protocol import CallerState, Feedback, Key
 
@@ -157,8 +158,8 @@ PERSONAS = {
 }
 
 
-async def _tail_gateway(log_path: Path, names: dict[str, str]) -> None:
-    """Tell the story from the gateway's own log: cases, who is called, answers."""
+async def _tail_json(log_path: Path, show: Callable[[dict[str, Any]], None]) -> None:
+    """Follow a file of JSON lines as it grows, as `tail -f` would."""
     offset = 0
     while True:
         await asyncio.sleep(0.2)
@@ -174,79 +175,51 @@ async def _tail_gateway(log_path: Path, names: dict[str, str]) -> None:
         offset += last_newline + 1
         for raw in chunk[: last_newline + 1].splitlines():
             try:
-                e = json.loads(raw)
+                event = json.loads(raw)
             except ValueError:
                 continue
-            event = e.get("event")
-            if event == "case":
-                who = names.get(str(e.get("current")), e.get("current"))
-                _say(f"  gateway: case {e['case']} is {e['state']}"
-                     + (f", waiting for {who}" if e.get("current") and e["state"] == "notifying"
-                        else ""))
-            elif event == "person notified":
-                _say(f"  gateway: told {names.get(e['person'], e['person'])} by "
-                     f"{e['channel']} ({e['kind']})")
-            elif event == "channel failed; trying the next":
-                _say(f"  gateway: {e['channel']} to {names.get(e['person'], e['person'])} "
-                     f"failed ({e.get('detail')}); trying the next")
-            elif event in ("app answer", "SMS answer"):
-                _say(f"  gateway: {names.get(e['person'], e['person'])} answered "
-                     f"{e['answer']} for case {e['case']}")
-            elif e.get("level") in ("error", "critical"):
-                _say(f"  gateway ERROR: {event} {e.get('problem') or e.get('error') or ''}")
+            if isinstance(event, dict):
+                show(event)
 
 
-async def _tail_district(log_path: Path) -> None:
-    """What the district's case store says it committed."""
-    offset = 0
-    while True:
-        await asyncio.sleep(0.3)
-        try:
-            with log_path.open("rb") as fh:
-                fh.seek(offset)
-                chunk = fh.read()
-        except FileNotFoundError:
-            continue
-        last_newline = chunk.rfind(b"\n")
-        if last_newline < 0:
-            continue
-        offset += last_newline + 1
-        for raw in chunk[: last_newline + 1].splitlines():
-            try:
-                e = json.loads(raw)
-            except ValueError:
-                continue
-            if e.get("event") == "batch committed" and e.get("new"):
-                _say(f"  district: case store committed {e['new']} new record(s) "
-                     f"from {e.get('village')}")
+def _show_gateway(names: dict[str, str]) -> Callable[[dict[str, Any]], None]:
+    """Tell the story from the gateway's own log: cases, who is called, answers."""
+
+    def show(e: dict[str, Any]) -> None:
+        event = e.get("event")
+        if event == "case":
+            who = names.get(str(e.get("current")), e.get("current"))
+            _say(f"  gateway: case {e['case']} is {e['state']}"
+                 + (f", waiting for {who}" if e.get("current") and e["state"] == "notifying"
+                    else ""))
+        elif event == "person notified":
+            _say(f"  gateway: told {names.get(e['person'], e['person'])} by "
+                 f"{e['channel']} ({e['kind']})")
+        elif event == "channel failed; trying the next":
+            _say(f"  gateway: {e['channel']} to {names.get(e['person'], e['person'])} "
+                 f"failed ({e.get('detail')}); trying the next")
+        elif event in ("app answer", "SMS answer"):
+            _say(f"  gateway: {names.get(e['person'], e['person'])} answered "
+                 f"{e['answer']} for case {e['case']}")
+        elif e.get("level") in ("error", "critical"):
+            _say(f"  gateway ERROR: {event} {e.get('problem') or e.get('error') or ''}")
+
+    return show
 
 
-async def _tail_modem(log_path: Path) -> None:
-    """The texts and calls the 4G module was asked to make."""
-    offset = 0
-    while True:
-        await asyncio.sleep(0.3)
-        try:
-            with log_path.open("rb") as fh:
-                fh.seek(offset)
-                chunk = fh.read()
-        except FileNotFoundError:
-            continue
-        last_newline = chunk.rfind(b"\n")
-        if last_newline < 0:
-            continue
-        offset += last_newline + 1
-        for raw in chunk[: last_newline + 1].splitlines():
-            try:
-                e = json.loads(raw)
-            except ValueError:
-                continue
-            number = str(e.get("number", ""))
-            masked = number[:3] + "****" + number[-4:] if len(number) > 7 else number
-            if e.get("event") == "sms":
-                _say(f"  modem: text to {masked}: {e.get('text')}")
-            elif e.get("event") == "call":
-                _say(f"  modem: ringing {masked}")
+def _show_district(e: dict[str, Any]) -> None:
+    if e.get("event") == "batch committed" and e.get("new"):
+        _say(f"  district: case store committed {e['new']} new record(s) "
+             f"from {e.get('village')}")
+
+
+def _show_modem(e: dict[str, Any]) -> None:
+    number = str(e.get("number", ""))
+    masked = number[:3] + "****" + number[-4:] if len(number) > 7 else number
+    if e.get("event") == "sms":
+        _say(f"  modem: text to {masked}: {e.get('text')}")
+    elif e.get("event") == "call":
+        _say(f"  modem: ringing {masked}")
 
 
 async def _drive(village: Village, duration: float | None, every: float, seed: int | None) -> int:
@@ -284,9 +257,12 @@ async def _drive(village: Village, duration: float | None, every: float, seed: i
         if p.app_id and p.app_key
     ]
     acked = failed = cases = rated = 0
-    background = [asyncio.create_task(_tail_gateway(village.workdir / "gateway.log", names)),
-                  asyncio.create_task(_tail_district(village.workdir / "district.log")),
-                  asyncio.create_task(_tail_modem(village.workdir / "modem.log"))]
+    work = village.workdir
+    background = [
+        asyncio.create_task(_tail_json(work / "gateway.log", _show_gateway(names))),
+        asyncio.create_task(_tail_json(work / "district.log", _show_district)),
+        asyncio.create_task(_tail_json(work / "modem.log", _show_modem)),
+    ]
     background += [asyncio.create_task(phone.run()) for phone in phones]
     try:
         async with serial_bus, mqtt_bus:

@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
 import select
-import signal
 import sqlite3
 import subprocess
-import sys
 import termios
-import threading
 import time
 import tomllib
 import tty
@@ -26,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from ..conftest import REPO, PtyPair, require_binary, write_config
+from ..e2e.conftest import Daemon
 
 HERE = Path(__file__).resolve().parent
 RESIDENTS = REPO / "config" / "residents.toml"
@@ -78,54 +75,6 @@ def resident_key(device: int) -> str:
 
 
 # --- the daemon ----------------------------------------------------------------------
-
-
-class Daemon:
-    """``python -m gateway run`` as a subprocess, its JSON log lines collected."""
-
-    def __init__(self, config: Path) -> None:
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "--config", str(config)],
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-
-    def events(self) -> list[dict[str, object]]:
-        out = []
-        for line in list(self.lines):
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return out
-
-    def wait_for(self, event: str, timeout: float = 15.0) -> dict[str, object]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for e in self.events():
-                if e.get("event") == event:
-                    return e
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"daemon never logged {event!r}; it said:\n{''.join(self.lines)}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(15)
-        self._reader.join(5)
-        return rc
 
 
 @pytest.fixture
