@@ -118,7 +118,15 @@ def village(callers: int) -> Iterator[Running]:
             # At level warning the ready line is not logged; the database and the
             # broker session tell us instead.
             _wait_ready(work, gateway, port)
-            yield Running(work, port, bus_tty, gateway, keys)
+            try:
+                yield Running(work, port, bus_tty, gateway, keys)
+            except BaseException:
+                # Keep the evidence: the temporary folder goes with this block.
+                kept = REPO / "bench" / "results" / "failed-gateway.log"
+                kept.parent.mkdir(exist_ok=True)
+                shutil.copy(work / "gateway.log", kept)
+                print(f"gateway log kept in {kept}", file=sys.stderr)
+                raise
         finally:
             for p in reversed(procs):
                 if p.poll() is None:

@@ -14,8 +14,6 @@ import argparse
 import asyncio
 import random
 import statistics
-import tempfile
-from pathlib import Path
 
 from firmware_protocol import Key
 from simulators.caller import CounterFile, MqttBus, SerialBus, SimCaller
@@ -39,25 +37,26 @@ async def _measure(run: Running, transport: str, mode: str, seed: int) -> list[f
     # caller's second press waits for its first (one press in flight, SPEC.md).
     population = sorted(run.keys)
     ids = rng.sample(population, min(count, len(population)))
-    with tempfile.TemporaryDirectory() as tmp:
-        counters = CounterFile(Path(tmp) / "c.json")
-        bus: MqttBus | SerialBus
-        if transport == "mqtt":
-            bus = MqttBus("127.0.0.1", run.mqtt_port, run.prefix)
+    # One counter file per village: a caller that forgot its counters would be
+    # refused as a replay, as a real one would.
+    counters = CounterFile(run.workdir / "sim-counters.json")
+    bus: MqttBus | SerialBus
+    if transport == "mqtt":
+        bus = MqttBus("127.0.0.1", run.mqtt_port, run.prefix)
+    else:
+        bus = SerialBus(str(run.bus_tty), 115200)
+    by_id = {d: SimCaller(d, run.keys[d], counters, bus.send) for d in ids}
+    bus.callers.update(by_id)
+    callers = [by_id[ids[i % len(ids)]] for i in range(count)]
+    async with bus:
+        if mode == "burst":
+            results = await asyncio.gather(*(c.press(Key.CALL, give_up_s=30) for c in callers))
         else:
-            bus = SerialBus(str(run.bus_tty), 115200)
-        by_id = {d: SimCaller(d, run.keys[d], counters, bus.send) for d in ids}
-        bus.callers.update(by_id)
-        callers = [by_id[ids[i % len(ids)]] for i in range(count)]
-        async with bus:
-            if mode == "burst":
-                results = await asyncio.gather(*(c.press(Key.CALL, give_up_s=30) for c in callers))
-            else:
-                tasks = []
-                for c in callers:
-                    tasks.append(asyncio.create_task(c.press(Key.CALL, give_up_s=30)))
-                    await asyncio.sleep(1 / STEADY_RATE)
-                results = await asyncio.gather(*tasks)
+            tasks = []
+            for c in callers:
+                tasks.append(asyncio.create_task(c.press(Key.CALL, give_up_s=30)))
+                await asyncio.sleep(1 / STEADY_RATE)
+            results = await asyncio.gather(*tasks)
     missing = [r for r in results if not r.acked]
     if missing:
         raise SystemExit(f"{len(missing)} presses not acknowledged ({transport} {mode})")

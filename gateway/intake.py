@@ -287,12 +287,13 @@ class Intake:
             self._accept_new(frame, link)
             return
         high = self._guard.high_water(frame.device_id)
-        detail = (
-            f"counter {frame.counter} was already used with other content"
-            if mac is not None
-            else f"counter {frame.counter} is more than {LATE_WINDOW} below {high}, "
-            "the last accepted"
-        )
+        if mac is not None or frame.counter > high - LATE_WINDOW:
+            detail = f"counter {frame.counter} was already used by another frame"
+        else:
+            detail = (
+                f"counter {frame.counter} is more than {LATE_WINDOW} below {high}, "
+                "the last accepted"
+            )
         self._reject(
             Rejected(Reason.REPLAY, frame.raw, detail, frame.device_id, frame.counter), link
         )
