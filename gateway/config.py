@@ -357,6 +357,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError([f"{path}: file not found"]) from None
     except PermissionError:
         raise ConfigError([f"{path}: permission denied"]) from None
+    except OSError as exc:  # a directory, a name too long, an I/O error
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
     except UnicodeDecodeError as exc:
@@ -424,17 +426,48 @@ def load(path: Path | str, *, overrides: dict[str, Path] | None = None) -> Loade
                 "roster_path": overrides.get("roster.toml", gateway.roster_path),
             }
         )
-    residents = load_residents(gateway.residents_path)
+    try:
+        residents = load_residents(gateway.residents_path)
+    except ConfigError as exc:
+        raise ConfigError(_named_by(exc.problems, gateway)) from None
     from .village import load_village  # it imports this module's helpers
 
-    village = load_village(
-        gateway.people_path,
-        gateway.roster_path,
-        residents,
-        name=gateway.village.name or gateway.village.id,
-        residents_source=str(gateway.residents_path),
-    )
+    try:
+        village = load_village(
+            gateway.people_path,
+            gateway.roster_path,
+            residents,
+            name=gateway.village.name or gateway.village.id,
+            residents_source=str(gateway.residents_path),
+        )
+    except ConfigError as exc:
+        raise ConfigError(_named_by(exc.problems, gateway)) from None
     return Loaded(gateway=gateway, residents=residents, village=village)
+
+
+_UNREADABLE = (
+    ": file not found",
+    ": permission denied",
+    ": cannot read",
+    ": not valid TOML",
+    ": not UTF-8",
+)
+
+
+def _named_by(problems: list[str], gateway: GatewayConfig) -> list[str]:
+    """Point a file that cannot be read back to the gateway.toml field naming it."""
+    fields = {
+        str(gateway.residents_path): "files.residents",
+        str(gateway.people_path): "files.people",
+        str(gateway.roster_path): "files.roster",
+    }
+    out = []
+    for problem in problems:
+        field = next((f for path, f in fields.items() if problem.startswith(path)), None)
+        if field is not None and any(u in problem for u in _UNREADABLE):
+            problem += f" (named by {field} in {gateway.source})"
+        out.append(problem)
+    return out
 
 
 def load_gateway_file(path: Path | str) -> GatewayConfig:

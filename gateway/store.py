@@ -322,7 +322,10 @@ class Store:
                         await self._write_desk(desk)
                     await self._db.execute("COMMIT")
                 except BaseException:
-                    await self._db.execute("ROLLBACK")
+                    # SQLite may already have rolled back by itself (a full
+                    # disk); a second ROLLBACK would hide the real error.
+                    if self._db.in_transaction:
+                        await self._db.execute("ROLLBACK")
                     raise
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: could not write {len(rows)} events: {exc}") from exc
@@ -528,7 +531,10 @@ class Store:
                     changed = cur.rowcount
                     await self._db.execute("COMMIT")
                 except BaseException:
-                    await self._db.execute("ROLLBACK")
+                    # SQLite may already have rolled back by itself (a full
+                    # disk); a second ROLLBACK would hide the real error.
+                    if self._db.in_transaction:
+                        await self._db.execute("ROLLBACK")
                     raise
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: could not mark outbox records sent: {exc}") from exc
@@ -605,7 +611,10 @@ class Store:
                             )
                     await self._db.execute("COMMIT")
                 except BaseException:
-                    await self._db.execute("ROLLBACK")
+                    # SQLite may already have rolled back by itself (a full
+                    # disk); a second ROLLBACK would hide the real error.
+                    if self._db.in_transaction:
+                        await self._db.execute("ROLLBACK")
                     raise
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: could not save sync state: {exc}") from exc

@@ -65,7 +65,7 @@ class Answer(BaseModel):
     case_id: str
     answer: Literal["accept", "decline", "arrived", "resolved"]
     note: Annotated[str, Field(max_length=500)] = ""
-    sent_at: float
+    sent_at: Annotated[float, Field(allow_inf_nan=False)]
     seq: Annotated[int, Field(ge=1)]
     mac: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 

@@ -1,0 +1,171 @@
+"""Fault campaign: ``kill -9`` of the daemon at random moments, twenty times in a
+row, while callers keep pressing over MQTT.
+
+The caller simulator runs throughout with a long ``--timeout``: a press the
+dead daemon never acknowledged is repeated, byte for byte, until a restarted
+daemon acknowledges it.  The seed makes the kill moments reproducible; the
+press pattern itself is the simulator's own (unseeded) randomness, which is
+fine: the invariants below hold for any pattern.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from firmware_protocol import Key
+
+from ..conftest import REPO, Broker, write_config
+from ..e2e.conftest import Daemon
+
+pytestmark = pytest.mark.e2e
+
+SEED = 20240607
+KILLS = 20
+CALLERS = 20
+RATE = 25.0  # presses per second, all callers together: kills land on commits in flight
+
+
+def _db_rows(db: Path) -> tuple[list[tuple[int, int, int]], list[dict[str, Any]]]:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        keys = conn.execute(
+            "SELECT device_id, counter, key FROM events WHERE kind = 'key' ORDER BY id"
+        ).fetchall()
+        cases = [
+            {**json.loads(data), "_open": bool(is_open), "_device": device}
+            for data, is_open, device in conn.execute("SELECT data, open, device_id FROM cases")
+        ]
+    return keys, cases
+
+
+def test_twenty_kill_9_lose_no_acknowledged_press(tmp_path, broker: Broker, daemon_factory):
+    rng = random.Random(SEED)
+    cfg = write_config(tmp_path, mqtt_port=broker.port, village="kill9")
+    db = tmp_path / "gateway.db"
+
+    daemon = Daemon(cfg)
+    daemon_factory.append(daemon)
+    daemon.wait_for("gateway ready")
+
+    delays = [rng.uniform(0.2, 1.0) for _ in range(KILLS)]
+    # Keep pressing for the whole campaign (each round is its delay plus ~0.4 s
+    # to start again), so kills land on commits, acks and feedback in flight.
+    duration = sum(delays) + 0.45 * KILLS
+    load = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "simulators.caller",
+            "--config",
+            str(cfg),
+            "--state-dir",
+            str(tmp_path / "sim"),
+            "--many",
+            str(CALLERS),
+            "--rate",
+            str(RATE),
+            "--duration",
+            f"{duration:.1f}",
+            "--heartbeat",
+            "0",
+            "--timeout",
+            "120",
+            "--mqtt",
+            f"127.0.0.1:{broker.port}",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for i, delay in enumerate(delays):
+            time.sleep(delay)
+            assert load.poll() is None, f"the load ended early: {load.communicate()}"
+            daemon.stop(signal.SIGKILL)
+            daemon = Daemon(cfg)
+            daemon_factory.append(daemon)
+            daemon.wait_for("gateway ready")
+            assert daemon.proc.poll() is None, f"restart {i + 1} died"
+        # The last daemon stays up until every repeated press is acknowledged.
+        out, err = load.communicate(timeout=60)
+    finally:
+        if load.poll() is None:
+            load.kill()
+            load.wait()
+    assert load.returncode == 0, out + err
+    summary = json.loads(out)
+    print("load summary:", summary)
+    assert summary["presses"] >= 40, summary  # the campaign really ran under load
+    assert summary["not_acknowledged"] == 0, summary
+    assert summary["acknowledged"] == summary["presses"]
+
+    # Every case resumes: stop cleanly, start once more, and the daemon
+    # restores exactly the open cases the database holds, each with its timer.
+    assert daemon.stop() == 0
+    _, cases_before = _db_rows(db)
+    open_before = sum(c["_open"] for c in cases_before)
+    daemon = Daemon(cfg)
+    daemon_factory.append(daemon)
+    daemon.wait_for("gateway ready")
+    if cases_before:
+        restored = daemon.wait_for("cases restored")
+        assert restored["open"] == open_before
+        # Nobody answers in this test, so every open case is waiting for
+        # someone and must have a pending deadline.
+        assert restored["deadlines"] == open_before
+    assert daemon.stop() == 0
+
+    keys, cases = _db_rows(db)
+    # Every acknowledged press is in the journal exactly once.  The simulator
+    # only counts presses (its counters never repeat), so: as many key rows
+    # as acknowledged presses, and no (device, counter) twice.  A press that
+    # was stored but whose ack died with the daemon was repeated and re-acked
+    # as a duplicate, never stored a second time.
+    idents = [(d, c) for d, c, _k in keys]
+    assert len(set(idents)) == len(idents)
+    assert len(keys) == summary["acknowledged"]
+
+    # Cases.  The desk handles a green press in one of two ways: with no open
+    # case for the caller it opens case "<device>-<counter>"; with one open it
+    # absorbs the press into that case as a "green_again" transition.  The
+    # press and the desk's decision are committed in one transaction, so
+    # whatever the kills did, for every caller:
+    #     green presses == cases opened + green_again transitions
+    # and every case id names a green press of its caller in the journal.
+    greens = Counter(d for d, _c, k in keys if k == int(Key.CALL))
+    green_idents = {(d, c) for d, c, k in keys if k == int(Key.CALL)}
+    opened: Counter[int] = Counter()
+    absorbed: Counter[int] = Counter()
+    open_per_device: Counter[int] = Counter()
+    for case in cases:
+        device = int(case["_device"])
+        assert case["id"] == f"{device}-{case['counter']}"
+        assert (device, case["counter"]) in green_idents, f"case {case['id']} has no green press"
+        opened[device] += 1
+        absorbed[device] += sum(1 for t in case["transitions"] if t["cause"] == "green_again")
+        if case["_open"]:
+            open_per_device[device] += 1
+            # The desk persists the pending deadline with the case; without it
+            # a restart could not re-arm the escalation.
+            assert case["deadline"] is not None, case
+            assert case["deadline"]["due_at"] > case["opened_at"]  # type: ignore[index]
+    for device in greens.keys() | opened.keys():
+        assert greens[device] == opened[device] + absorbed[device], (
+            device,
+            greens[device],
+            opened[device],
+            absorbed[device],
+        )
+    assert all(n == 1 for n in open_per_device.values()), open_per_device
+    assert sum(greens.values()) > 0
