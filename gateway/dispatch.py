@@ -24,7 +24,6 @@ from .clock import WallClock
 from .desk import (
     CancelDeadline,
     Desk,
-    DeskSnapshot,
     Notify,
     PersistCase,
     PersistNotice,
@@ -60,7 +59,6 @@ _ACCEPT_BUCKETS = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 
 @dataclass
 class Prepared:
-    snapshot: DeskSnapshot
     writes: DeskWrites
     after: list[Any] = field(default_factory=list)
 
@@ -105,9 +103,10 @@ class Dispatcher:
     # -- with the intake's commit -----------------------------------------------------
 
     def prepare(self, events: Sequence[DeskEvent], now: float) -> Prepared:
-        prepared = Prepared(
-            self.desk.snapshot(), DeskWrites(at=now, wall_trusted=self._clock.trusted())
-        )
+        # No copy of the desk is taken for a rollback: that would cost a copy of
+        # every caller's state per batch, on the path of every press.  A failed
+        # commit reloads the desk from the store instead (rare, and correct).
+        prepared = Prepared(DeskWrites(at=now, wall_trusted=self._clock.trusted()))
         cases: dict[str, Any] = {}
         w = prepared.writes
         for event in events:
@@ -135,15 +134,25 @@ class Dispatcher:
         w.cases = list(cases.values())
         return prepared
 
-    def rollback(self, prepared: Prepared) -> None:
-        snap = prepared.snapshot
-        self.desk.restore(snap.cases, snap.notices, snap.last_seen)
+    async def rollback(self, prepared: Prepared) -> None:
+        """The batch did not commit: the desk goes back to what the store holds."""
+        settings = self.village.settings
+        try:
+            state = await self._store.load_desk_state(
+                now=self._clock.now(), rating_window_s=settings.rating_window_s
+            )
+        except StoreError as exc:
+            self._metrics.inc("gateway_desk_errors_total")
+            log.critical("desk not rolled back: the store cannot be read", error=str(exc))
+            return
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        self.rearm(self.desk.restore(state.cases, state.notices, state.last_seen))
 
     def apply(self, prepared: Prepared) -> None:
-        before = {c.id: c for c in prepared.snapshot.cases}
         for case in prepared.writes.cases:
-            previous = before.get(case.id)
-            if case.accepted_at is not None and (previous is None or previous.accepted_at is None):
+            if case.accepted_at is not None and case.accepted_at == prepared.writes.at:
                 self._metrics.observe(
                     "gateway_time_to_accept_seconds",
                     case.accepted_at - case.opened_at,

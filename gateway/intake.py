@@ -375,7 +375,7 @@ class Intake:
             )
         except StoreError as exc:
             if dispatcher is not None and prepared is not None:
-                dispatcher.rollback(prepared)
+                await dispatcher.rollback(prepared)
             for p in frames:
                 self._pending.pop((p.frame.device_id, p.frame.counter), None)
             self._metrics.inc("gateway_store_errors_total")
