@@ -7,9 +7,10 @@ is what lets the intake acknowledge a press only after it is durable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -271,6 +272,21 @@ class Store:
             raise
         return store
 
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        """One write transaction; the lock keeps other writers' statements out of it."""
+        async with self._write:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                await self._db.execute("COMMIT")
+            except BaseException:
+                # SQLite may already have rolled back by itself (a full disk);
+                # a second ROLLBACK would hide the real error.
+                if self._db.in_transaction:
+                    await self._db.execute("ROLLBACK")
+                raise
+
     async def close(self) -> None:
         await self._db.close()
 
@@ -312,21 +328,12 @@ class Store:
             return
         values = [_row(e, mac) for e, mac in rows]
         try:
-            async with self._write:
-                await self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    await self._db.executemany(_INSERT, values)
-                    if downlink_reservations:
-                        await self._db.executemany(_RESERVE, downlink_reservations.items())
-                    if desk:
-                        await self._write_desk(desk)
-                    await self._db.execute("COMMIT")
-                except BaseException:
-                    # SQLite may already have rolled back by itself (a full
-                    # disk); a second ROLLBACK would hide the real error.
-                    if self._db.in_transaction:
-                        await self._db.execute("ROLLBACK")
-                    raise
+            async with self._transaction():
+                await self._db.executemany(_INSERT, values)
+                if downlink_reservations:
+                    await self._db.executemany(_RESERVE, downlink_reservations.items())
+                if desk:
+                    await self._write_desk(desk)
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: could not write {len(rows)} events: {exc}") from exc
 
@@ -521,21 +528,12 @@ class Store:
         if not ids:
             return 0
         try:
-            async with self._write:
-                await self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    cur = await self._db.executemany(
-                        "UPDATE outbox SET acked_at = ? WHERE id = ? AND acked_at IS NULL",
-                        [(at, i) for i in ids],
-                    )
-                    changed = cur.rowcount
-                    await self._db.execute("COMMIT")
-                except BaseException:
-                    # SQLite may already have rolled back by itself (a full
-                    # disk); a second ROLLBACK would hide the real error.
-                    if self._db.in_transaction:
-                        await self._db.execute("ROLLBACK")
-                    raise
+            async with self._transaction():
+                cur = await self._db.executemany(
+                    "UPDATE outbox SET acked_at = ? WHERE id = ? AND acked_at IS NULL",
+                    [(at, i) for i in ids],
+                )
+                changed = cur.rowcount
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: could not mark outbox records sent: {exc}") from exc
         return max(changed, 0)
@@ -598,23 +596,14 @@ class Store:
     async def set_sync_state(self, values: dict[str, str | None]) -> None:
         """Set (or, for None, delete) sync bookkeeping values in one transaction."""
         try:
-            async with self._write:
-                await self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    for key, value in values.items():
-                        if value is None:
-                            await self._db.execute("DELETE FROM sync_state WHERE key = ?", (key,))
-                        else:
-                            await self._db.execute(
-                                "INSERT OR REPLACE INTO sync_state (key, value) VALUES (?, ?)",
-                                (key, value),
-                            )
-                    await self._db.execute("COMMIT")
-                except BaseException:
-                    # SQLite may already have rolled back by itself (a full
-                    # disk); a second ROLLBACK would hide the real error.
-                    if self._db.in_transaction:
-                        await self._db.execute("ROLLBACK")
-                    raise
+            async with self._transaction():
+                for key, value in values.items():
+                    if value is None:
+                        await self._db.execute("DELETE FROM sync_state WHERE key = ?", (key,))
+                    else:
+                        await self._db.execute(
+                            "INSERT OR REPLACE INTO sync_state (key, value) VALUES (?, ?)",
+                            (key, value),
+                        )
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: could not save sync state: {exc}") from exc
