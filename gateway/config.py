@@ -11,7 +11,7 @@ import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -365,12 +365,20 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError([f"{path}: not UTF-8 text: {exc}"]) from None
 
 
-def load_residents(path: Path) -> ResidentsFile:
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_model(path: Path, model: type[M]) -> M:
+    """One TOML file as one pydantic model; every problem names file, field and value."""
     data = _read_toml(path)
     try:
-        return ResidentsFile.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path, data)) from None
+
+
+def load_residents(path: Path) -> ResidentsFile:
+    return load_model(path, ResidentsFile)
 
 
 DISTRICT_DIR = "district-config"  # beside the database: the files the district pushed

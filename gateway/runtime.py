@@ -399,44 +399,37 @@ class Gateway:
         in force without dropping open cases, and keep it for the next start.
         A push with any problem changes nothing."""
         base = self.config.store.path.parent / DISTRICT_DIR
-        stage = base / f"v{version}.incoming"
-        shutil.rmtree(stage, ignore_errors=True)
-        stage.mkdir(parents=True)
+        # The folder is not used until current.json names it, so a push that
+        # fails half-way, or a power cut, leaves the configuration in force alone.
+        folder = base / f"v{version}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for name, text in files.items():
+            (folder / name).write_text(text, encoding="utf-8")
+        overrides = {**district_overrides(self.config), **{n: folder / n for n in files}}
         try:
-            for name, text in files.items():
-                (stage / name).write_text(text, encoding="utf-8")
-            overrides = {**district_overrides(self.config), **{n: stage / n for n in files}}
-            try:
-                loaded = load(self.config.source, overrides=overrides)
-            except ConfigError as exc:
-                return [p.replace(str(stage) + "/", "") for p in exc.problems]
-            final = base / f"v{version}"
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(stage, final)
-            loaded = load(
-                self.config.source, overrides={**overrides, **{n: final / n for n in files}}
-            )
-            problems = await self.reconfigure(loaded)
-            if problems:
-                return problems
-            in_force = sorted({*files, *district_overrides(self.config)})
-            record = {"version": version, "files": in_force, "applied_at": time.time()}
-            # Older pushed files still in force are carried into this version's folder.
-            for name in in_force:
-                if name not in files:
-                    shutil.copy2(overrides[name], final / name)
-            tmp = base / "current.json.tmp"
-            tmp.write_text(json.dumps(record))
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)  # the record must not be lost behind a power cut
-            finally:
-                os.close(fd)
-            os.replace(tmp, base / "current.json")
-            log.info("district configuration in force", version=version, files=sorted(files))
-            return []
+            problems = await self.reconfigure(load(self.config.source, overrides=overrides))
+        except ConfigError as exc:
+            problems = exc.problems
+        if problems:
+            shutil.rmtree(folder, ignore_errors=True)
+            return [p.replace(str(folder) + "/", "") for p in problems]
+        # Older pushed files still in force are carried into this version's folder.
+        in_force = sorted(overrides)
+        for name in in_force:
+            if name not in files:
+                shutil.copy2(overrides[name], folder / name)
+        record = {"version": version, "files": in_force, "applied_at": time.time()}
+        tmp = base / "current.json.tmp"
+        tmp.write_text(json.dumps(record))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the record must not be lost behind a power cut
         finally:
-            shutil.rmtree(stage, ignore_errors=True)
+            os.close(fd)
+        os.replace(tmp, base / "current.json")
+        log.info("district configuration in force", version=version, files=sorted(files))
+        return []
 
     async def reconfigure(self, loaded: Loaded) -> list[str]:
         """Swap in new residents, people and roster between two batches.

@@ -21,13 +21,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from .config import ConfigError, ResidentsFile, _describe, _read_toml
+from .config import ConfigError, ResidentsFile, load_model
 from .desk.model import CallerInfo, Settings, Village
 from .desk.roster import (
     DAY_NAMES,
@@ -266,19 +265,11 @@ class RosterFile(_Model):
 
 
 def load_people(path: Path) -> PeopleFile:
-    data = _read_toml(path)
-    try:
-        return PeopleFile.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc, path, data)) from None
+    return load_model(path, PeopleFile)
 
 
 def load_roster(path: Path) -> RosterFile:
-    data = _read_toml(path)
-    try:
-        return RosterFile.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc, path, data)) from None
+    return load_model(path, RosterFile)
 
 
 def _cross_check(people: PeopleFile, roster: RosterFile, pp: Path, rp: Path) -> list[str]:
