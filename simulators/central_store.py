@@ -142,11 +142,23 @@ class SqliteDb:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._con = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._con.execute("PRAGMA journal_mode=WAL")
+        self._con.execute("PRAGMA busy_timeout=10000")
+        # Several workers may open one new file at the same moment.  SQLite
+        # answers "database is locked" at once, without its busy handler, to
+        # whoever loses the race to switch the file to WAL or create the
+        # schema, so the loser retries instead of exiting.
+        deadline = time.monotonic() + 30.0
+        while True:
+            try:
+                self._con.execute("PRAGMA journal_mode=WAL")
+                self._con.executescript(_SQLITE_SCHEMA)
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
         # FULL: the acknowledgement promises the batch survives a power cut.
         self._con.execute("PRAGMA synchronous=FULL")
-        self._con.execute("PRAGMA busy_timeout=10000")
-        self._con.executescript(_SQLITE_SCHEMA)
         self._lock = asyncio.Lock()
 
     async def _run(self, fn: Any, *args: Any) -> Any:
