@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import statistics
 import sys
 import time
@@ -482,9 +483,19 @@ async def _many(args: argparse.Namespace, keys: dict[int, bytes], prefix: str) -
                     await c.heartbeat()
                     await asyncio.sleep(args.heartbeat / len(callers))
 
+        # SIGTERM or Ctrl-C ends the load early, yet each press already made
+        # is still seen through to its acknowledgement before the summary.
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
         hb = asyncio.create_task(beats()) if args.heartbeat > 0 else None
-        while time.monotonic() < stop_at:
-            await asyncio.sleep(rng.expovariate(args.rate) if args.rate > 0 else 1.0)
+        while time.monotonic() < stop_at and not stopping.is_set():
+            pause = rng.expovariate(args.rate) if args.rate > 0 else 1.0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), pause)
+            if stopping.is_set():
+                break
             if args.rate > 0:
                 t = asyncio.create_task(press(callers[rng.choice(ids)]))
                 tasks.add(t)

@@ -58,9 +58,10 @@ def test_twenty_kill_9_lose_no_acknowledged_press(tmp_path, broker: Broker, daem
     daemon.wait_for("gateway ready")
 
     delays = [rng.uniform(0.2, 1.0) for _ in range(KILLS)]
-    # Keep pressing for the whole campaign (each round is its delay plus ~0.4 s
-    # to start again), so kills land on commits, acks and feedback in flight.
-    duration = sum(delays) + 0.45 * KILLS
+    # Keep pressing for the whole campaign, so kills land on commits, acks and
+    # feedback in flight.  A restart takes as long as a busy machine makes it,
+    # so the load runs until told to stop rather than for a guessed time.
+    duration = 600.0
     load = subprocess.Popen(
         [
             sys.executable,
@@ -98,7 +99,8 @@ def test_twenty_kill_9_lose_no_acknowledged_press(tmp_path, broker: Broker, daem
             daemon.wait_for("gateway ready")
             assert daemon.proc.poll() is None, f"restart {i + 1} died"
         # The last daemon stays up until every repeated press is acknowledged.
-        out, err = load.communicate(timeout=60)
+        load.send_signal(signal.SIGTERM)
+        out, err = load.communicate(timeout=120)
     finally:
         if load.poll() is None:
             load.kill()
