@@ -490,7 +490,7 @@ async def _many(args: argparse.Namespace, keys: dict[int, bytes], prefix: str) -
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
         hb = asyncio.create_task(beats()) if args.heartbeat > 0 else None
-        while time.monotonic() < stop_at and not stopping.is_set():
+        while time.monotonic() < stop_at:
             pause = rng.expovariate(args.rate) if args.rate > 0 else 1.0
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), pause)
