@@ -130,3 +130,105 @@ def test_table_aligns_chinese_text():
         for line, mark in zip([out[0], out[2], out[3]], ["x", "1", "2"], strict=True)
     ]
     assert columns == [8, 8, 8]  # 王秀英 is six columns wide, then two spaces
+
+
+def _read_until(proc: subprocess.Popen[str], text: str, out: list[str], timeout: float) -> None:
+    """Collect *proc*'s stdout lines until one contains *text*."""
+    import threading
+
+    found = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.append(line)
+            if text in line:
+                found.set()
+        found.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    assert found.wait(timeout), "".join(out)
+    assert any(text in line for line in out), "".join(out)
+
+
+def test_test_call_follows_a_real_press_to_the_acceptance(
+    tmp_path, pty_pair: PtyPair, broker: Broker, daemon_factory
+):
+    from .conftest import simulate
+
+    cfg = write_config(
+        tmp_path, serial_port=pty_pair.gateway_port, mqtt_port=broker.port, village="testcall"
+    )
+    write_short_village(tmp_path, cfg, first=600.0, second=600.0)
+
+    # Not running yet: the command says so instead of waiting for nothing.
+    r = cli(cfg, "test-call", "1001", "--timeout", "5")
+    assert r.returncode == 1
+    assert "not running" in r.stderr
+    r = cli(cfg, "test-call", "4242", "--timeout", "5")
+    assert r.returncode == 1
+    assert "caller 4242 is not in" in r.stderr
+
+    daemon = Daemon(cfg)
+    daemon_factory.append(daemon)
+    daemon.wait_for("gateway ready")
+    phones = subprocess.Popen(
+        [sys.executable, "-m", "simulators.app", "--config", str(cfg),
+         "--mqtt", f"127.0.0.1:{broker.port}", "--persona", "a=accept:0.5"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    watch = None
+    try:
+        phone_out: list[str] = []
+        _read_until(phones, "phones with the app", phone_out, 30)
+        # The status file the command reads is written every few seconds.
+        for _ in range(60):
+            if cli(cfg, "status").returncode == 0:
+                break
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "test-call", "1001", "--timeout", "90",
+             "--config", str(cfg)],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        out: list[str] = []
+        _read_until(watch, "Press the GREEN key", out, 60)
+        r = simulate(
+            cfg, "--device", "1001", "--serial", str(pty_pair.device_port), "--key", "call",
+            state=tmp_path / "sim",
+        )
+        assert r.returncode == 0, r.stderr
+        assert watch.wait(120) == 0, "".join(out) + watch.stderr.read()  # type: ignore[union-attr]
+    finally:
+        for proc in (watch, phones):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = "".join(out)
+    steps = [
+        "green press received, stored and acknowledged",
+        "case 1001-",
+        "甲书记 by app: sent",
+        "ACCEPTED by 甲书记",
+        "TEST CALL PASSED",
+    ]
+    positions = [text.find(s) for s in steps]
+    assert all(p >= 0 for p in positions), text
+    assert positions == sorted(positions), text
+    assert daemon.stop() == 0
+
+
+def test_test_call_says_when_no_press_arrives(tmp_path, pty_pair: PtyPair, broker: Broker,
+                                              daemon_factory):
+    cfg = write_config(
+        tmp_path, serial_port=pty_pair.gateway_port, mqtt_port=broker.port, village="testcall2"
+    )
+    daemon = Daemon(cfg)
+    daemon_factory.append(daemon)
+    daemon.wait_for("gateway ready")
+    for _ in range(60):
+        if cli(cfg, "status").returncode == 0:
+            break
+    r = cli(cfg, "test-call", "1001", "--timeout", "2")
+    assert r.returncode == 1
+    assert "TEST CALL FAILED: no green press arrived" in r.stderr
+    assert daemon.stop() == 0
