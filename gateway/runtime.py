@@ -10,6 +10,7 @@ import shutil
 import signal
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from .clock import WallClock
@@ -408,9 +409,11 @@ class Gateway:
             (folder / name).write_text(text, encoding="utf-8")
         overrides = {**district_overrides(self.config), **{n: folder / n for n in files}}
         try:
-            problems = await self.reconfigure(load(self.config.source, overrides=overrides))
+            loaded = load(self.config.source, overrides=overrides)
         except ConfigError as exc:
             problems = exc.problems
+        else:
+            problems = self._refusals(loaded)
         if problems:
             shutil.rmtree(folder, ignore_errors=True)
             return [p.replace(str(folder) + "/", "") for p in problems]
@@ -419,15 +422,18 @@ class Gateway:
         for name in in_force:
             if name not in files:
                 shutil.copy2(overrides[name], folder / name)
+        # On disk first, in force second: a power cut in between must bring back
+        # at the next start what the district is about to be told is applied.
+        for name in in_force:
+            _fsync(folder / name)
+        _fsync(folder)
         record = {"version": version, "files": in_force, "applied_at": time.time()}
         tmp = base / "current.json.tmp"
         tmp.write_text(json.dumps(record))
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the record must not be lost behind a power cut
-        finally:
-            os.close(fd)
+        _fsync(tmp)
         os.replace(tmp, base / "current.json")
+        _fsync(base)
+        await self._put_in_force(loaded)
         log.info("district configuration in force", version=version, files=sorted(files))
         return []
 
@@ -437,13 +443,23 @@ class Gateway:
         Open cases carry on with their step and deadline; problems (the same
         ones check-config reports) refuse the whole change.
         """
+        problems = self._refusals(loaded)
+        if not problems:
+            await self._put_in_force(loaded)
+        return problems
+
+    def _refusals(self, loaded: Loaded) -> list[str]:
+        """Why *loaded* cannot be put in force now; empty when it can."""
         from .village import check_coverage
 
         problems = check_coverage(loaded.village, datetime.now(UTC))
-        if problems:
-            return problems
-        if self.intake is None or self.dispatcher is None:
-            return ["the gateway is still starting; try again"]
+        if not problems and (self.intake is None or self.dispatcher is None):
+            problems = ["the gateway is still starting; try again"]
+        return problems
+
+    async def _put_in_force(self, loaded: Loaded) -> None:
+        assert self.intake is not None
+        assert self.dispatcher is not None
         new = loaded.gateway
         later = [
             name
@@ -477,11 +493,18 @@ class Gateway:
         )
         if later:
             log.warning("these settings take effect at the next restart", sections=later)
-        return []
 
     def _signalled(self, sig: signal.Signals) -> None:
         log.info("stop requested", signal=sig.name)
         self.stop_requested.set()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:

@@ -43,3 +43,37 @@ async def test_bad_push_refused_good_push_in_force_and_kept(tmp_path, pty_pair: 
     os.utime(tmp_path / "roster.toml")
     async with running_gateway(cfg) as gw:
         assert _first_step_person(gw) == "a"
+
+
+async def test_a_push_that_cannot_be_kept_is_not_put_in_force(
+    tmp_path, pty_pair: PtyPair, broker: Broker, monkeypatch
+):
+    import errno
+
+    import pytest
+
+    from gateway import runtime
+
+    cfg = write_config(tmp_path, serial_port=pty_pair.gateway_port, mqtt_port=broker.port,
+                       village="push2")
+    write_short_village(tmp_path, cfg)
+    roster = (tmp_path / "roster.toml").read_text()
+    step = '[[escalation.step]]\nperson = "a"'
+    good = roster.replace(step, '[[escalation.step]]\nperson = "b"')
+
+    def disk_full(*_args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async with running_gateway(cfg) as gw:
+        with monkeypatch.context() as patch:
+            patch.setattr(runtime.os, "replace", disk_full)
+            with pytest.raises(OSError, match="No space"):
+                await gw.apply_district_config(2, {"roster.toml": good})
+        # Not on disk, so not in force: a restart would bring back the old
+        # roster, and the district is told the push failed.
+        assert _first_step_person(gw) == "a"
+        assert not (tmp_path / "district-config" / "current.json").exists()
+        assert await gw.apply_district_config(2, {"roster.toml": good}) == []
+        assert _first_step_person(gw) == "b"
+    async with running_gateway(cfg) as gw:
+        assert _first_step_person(gw) == "b"
