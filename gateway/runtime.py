@@ -461,15 +461,13 @@ class Gateway:
         assert self.intake is not None
         assert self.dispatcher is not None
         new = loaded.gateway
+        # Only residents, people and roster are swapped while running; say so
+        # for every other section that changed rather than ignore it silently.
         later = [
             name
-            for name, old_value, new_value in (
-                ("links", self.config.links, new.links),
-                ("store", self.config.store, new.store),
-                ("village", self.config.village, new.village),
-                ("intake", self.config.intake, new.intake),
-            )
-            if old_value != new_value
+            for name in ("village", "store", "links", "modem", "sync", "metrics", "intake",
+                         "clock", "log")
+            if getattr(self.config, name) != getattr(new, name)
         ]
         async with self.intake.commit_lock:
             snap = self.desk.snapshot()

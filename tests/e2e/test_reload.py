@@ -63,6 +63,15 @@ def test_sighup_with_a_bad_then_a_good_roster(tmp_path, pty_pair: PtyPair, broke
         apps.wait_for("app-b")
         calls_b = [p for _t, app, p in apps.received if app == "app-b" and p["kind"] == "call"]
         assert [p["case_id"] for p in calls_b] == ["1002-1"]
+
+        # A change the running gateway cannot take is named, not ignored.
+        text = cfg.read_text()
+        assert 'trust = "always"' in text
+        cfg.write_text(text.replace('trust = "always"', 'trust = "never"'))
+        mark = len(daemon.events())
+        daemon.proc.send_signal(signal.SIGHUP)
+        later = _wait_line(daemon, "these settings take effect at the next restart", mark)
+        assert later["sections"] == ["clock"]
         assert daemon.stop() == 0
     finally:
         apps.close()
