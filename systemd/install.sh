@@ -5,14 +5,20 @@
 #     sudo bash systemd/install.sh
 #
 # Safe to run again: it never overwrites configuration you have edited.
+#
+# The ONETOUCH_* variables below move it elsewhere (the tests install into a
+# scratch folder that way); IT staff need none of them.
 set -euo pipefail
 
 SRC="$(cd "$(dirname "$0")/.." && pwd)"
-PREFIX=/opt/onetouch-gateway
-CONF=/etc/onetouch-gateway
-STATE=/var/lib/onetouch-gateway
-USER_NAME=onetouch
-UNIT=/etc/systemd/system/onetouch-gateway.service
+PREFIX="${ONETOUCH_PREFIX:-/opt/onetouch-gateway}"
+CONF="${ONETOUCH_CONF:-/etc/onetouch-gateway}"
+STATE="${ONETOUCH_STATE:-/var/lib/onetouch-gateway}"
+USER_NAME="${ONETOUCH_USER:-onetouch}"
+UNIT="${ONETOUCH_UNIT:-/etc/systemd/system/onetouch-gateway.service}"
+BIN_LINK="${ONETOUCH_BIN_LINK:-/usr/local/bin/onetouch-gateway}"
+MOSQUITTO_CONF_D="${ONETOUCH_MOSQUITTO_CONF_D:-/etc/mosquitto/conf.d}"
+START="${ONETOUCH_START:-yes}"
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 fail() { printf '\n\033[1;31mSTOPPED: %s\033[0m\n' "$*" >&2; exit 1; }
@@ -34,9 +40,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 else
     echo "already installed"
 fi
-if [ -d /etc/mosquitto/conf.d ] && [ ! -e /etc/mosquitto/conf.d/onetouch.conf ]; then
-    install -m 0644 "$SRC/config/mosquitto.conf" /etc/mosquitto/conf.d/onetouch.conf
-    echo "broker settings: /etc/mosquitto/conf.d/onetouch.conf"
+if [ -d "$MOSQUITTO_CONF_D" ] && [ ! -e "$MOSQUITTO_CONF_D/onetouch.conf" ]; then
+    install -m 0644 "$SRC/config/mosquitto.conf" "$MOSQUITTO_CONF_D/onetouch.conf"
+    echo "broker settings: $MOSQUITTO_CONF_D/onetouch.conf"
 fi
 
 step "2/6 the service user '$USER_NAME' (may use serial ports: group dialout)"
@@ -54,7 +60,7 @@ runuser -u "$USER_NAME" -- "$PREFIX/venv/bin/python" -c 'pass' \
 "$PREFIX/venv/bin/python" -m pip install -q --upgrade pip
 "$PREFIX/venv/bin/python" -m pip install -q --upgrade "$SRC"
 install -m 0644 "$SRC/README.md" "$PREFIX/README.md"
-ln -sf "$PREFIX/venv/bin/onetouch-gateway" /usr/local/bin/onetouch-gateway
+ln -sf "$PREFIX/venv/bin/onetouch-gateway" "$BIN_LINK"
 "$PREFIX/venv/bin/onetouch-gateway" --help >/dev/null
 echo "installed: $("$PREFIX/venv/bin/python" -c 'import gateway; print(gateway.__version__)')"
 
@@ -65,13 +71,18 @@ for f in gateway.toml residents.toml people.toml roster.toml; do
         echo "kept      $CONF/$f"
     else
         install -m 0640 -o root -g "$USER_NAME" "$SRC/config/$f" "$CONF/$f"
+        sed -i "s#/var/lib/onetouch-gateway#$STATE#g" "$CONF/$f"
         echo "example   $CONF/$f   <- edit this for your village"
     fi
 done
 install -d -m 0750 -o "$USER_NAME" -g "$USER_NAME" "$STATE"
 
 step "5/6 the systemd unit"
-install -m 0644 "$SRC/systemd/onetouch-gateway.service" "$UNIT"
+sed -e "s#/opt/onetouch-gateway#$PREFIX#g" -e "s#/etc/onetouch-gateway#$CONF#g" \
+    -e "s#^User=onetouch\$#User=$USER_NAME#" -e "s#^Group=onetouch\$#Group=$USER_NAME#" \
+    "$SRC/systemd/onetouch-gateway.service" >"$UNIT.tmp"
+chmod 0644 "$UNIT.tmp"
+mv "$UNIT.tmp" "$UNIT"
 echo "$UNIT"
 
 step "6/6 check the configuration and start"
@@ -81,8 +92,8 @@ if ! runuser -u "$USER_NAME" -- "$PREFIX/venv/bin/onetouch-gateway" check-config
     sudo onetouch-gateway check-config --config $CONF/gateway.toml
     sudo systemctl enable --now onetouch-gateway"
 fi
-if [ "$(systemctl is-system-running 2>/dev/null || true)" = "offline" ] \
-        || ! command -v systemctl >/dev/null; then
+if [ "$START" != yes ] || ! command -v systemctl >/dev/null \
+        || [ "$(systemctl is-system-running 2>/dev/null || true)" = "offline" ]; then
     echo "systemd is not running here (a container?): start it by hand with"
     echo "    sudo -u $USER_NAME $PREFIX/venv/bin/onetouch-gateway run --config $CONF/gateway.toml"
     exit 0
