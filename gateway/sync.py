@@ -414,19 +414,21 @@ class Syncer:
         try:
             return ConfigPush.model_validate_json(payload)
         except ValidationError as exc:
-            # Tell the district exactly what was wrong with its push, if the
-            # push says enough to be answered.
-            try:
-                raw = json.loads(payload)
-                version, push_id = int(raw["version"]), str(raw["push_id"])
-            except (ValueError, TypeError, KeyError):
-                raise exc from None
             problems = [
                 f"push: {'.'.join(str(p) for p in e['loc']) or '(top level)'}: "
                 f"{e['msg'].removeprefix('Value error, ')}"
                 for e in exc.errors(include_url=False)
             ]
-            return self._report(version, push_id, problems)
+            # Tell the district exactly what was wrong with its push, if the
+            # push says enough to be answered.  A version of 1e999 is an
+            # OverflowError in int(); one beyond 64 bits fails the report's
+            # model (a ValueError): neither can be answered, and neither may
+            # escape, or one bad message would drop the connection.
+            try:
+                raw = json.loads(payload)
+                return self._report(int(raw["version"]), str(raw["push_id"]), problems)
+            except (ValueError, TypeError, KeyError, OverflowError):
+                raise exc from None
 
     def _report(self, version: int, push_id: str, problems: list[str]) -> ConfigReport:
         return ConfigReport(

@@ -31,6 +31,15 @@ MAX_CONFIG_FILE_BYTES = 1_000_000
 
 VillageId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
 StoreId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+# Both ends keep these numbers in 64-bit database columns (SQLite INTEGER,
+# PostgreSQL BIGINT): a larger one would pass validation and then fail the
+# insert, taking the consumer down instead of being rejected as bad input.
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+RecordId = Annotated[int, Field(ge=1, le=2**63 - 1)]
+Version = Annotated[int, Field(ge=1, le=2**63 - 1)]
+# A time that is not finite cannot be ordered or stored (SQLite turns NaN into
+# NULL, which a NOT NULL column refuses).
+Instant = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class _Msg(BaseModel):
@@ -42,10 +51,10 @@ class _Msg(BaseModel):
 class Record(_Msg):
     """One outbox row.  ``(village, store, id)`` identifies it for ever."""
 
-    id: Annotated[int, Field(ge=1)]
+    id: RecordId
     kind: str
     case_id: str | None = None
-    created_at: float
+    created_at: Instant
     wall_trusted: bool
     payload: dict[str, Any]
 
@@ -55,7 +64,7 @@ class Batch(_Msg):
     village: VillageId
     store: StoreId  # the gateway database's identity; see docs/sync.md "idempotency"
     batch: str
-    sent_at: float
+    sent_at: Instant
     records: Annotated[list[Record], Field(min_length=1)]
 
 
@@ -66,17 +75,17 @@ class Ack(_Msg):
     village: VillageId
     store: StoreId
     batch: str
-    ids: list[int]
-    committed_at: float
+    ids: list[RecordId]
+    committed_at: Instant
 
 
 class ConfigPush(_Msg):
     v: Literal[1] = 1
     village: VillageId
-    version: Annotated[int, Field(ge=1)]
+    version: Version
     push_id: Annotated[str, Field(min_length=1, max_length=64)]
     files: dict[str, str]
-    sent_at: float = 0.0
+    sent_at: Instant = 0.0
 
     @field_validator("files")
     @classmethod
@@ -95,12 +104,12 @@ class ConfigPush(_Msg):
 class ConfigReport(_Msg):
     v: Literal[1] = 1
     village: VillageId
-    version: int
+    version: Int64  # as the push said it, even when the push was refused
     push_id: str
     applied: bool
     problems: list[str] = []
-    applied_version: int | None = None  # the version in force after this push
-    at: float
+    applied_version: Int64 | None = None  # the version in force after this push
+    at: Instant
 
 
 class SyncTopics:
