@@ -108,6 +108,9 @@ class PressResult:
     acked: bool
     attempts: int
     latency_s: float  # first transmission to acknowledgement
+    sent_at: float = 0.0  # wall clock of the first transmission
+    done_at: float = 0.0  # wall clock of the acknowledgement (or of giving up)
+    device_id: int = 0
 
 
 class SimCaller:
@@ -147,20 +150,27 @@ class SimCaller:
             acked = asyncio.Event()
             self._waiting[counter] = acked
             start = time.monotonic()
+            sent_at = time.time()
             attempt = 0
+
+            def result(ok: bool) -> PressResult:
+                done, elapsed = time.time(), time.monotonic() - start
+                device = self.device_id
+                return PressResult(key, counter, ok, attempt, elapsed, sent_at, done, device)
+
             try:
                 while True:
                     attempt += 1
                     await self._send(self.device_id, frame)
                     try:
                         await asyncio.wait_for(acked.wait(), ACK_TIMEOUT_S)
-                        return PressResult(key, counter, True, attempt, time.monotonic() - start)
+                        return result(True)
                     except TimeoutError:
                         pass
                     delay = min(RETRY_CAP_S, RETRY_BASE_S * 2 ** (attempt - 1))
                     delay += random.uniform(0, delay / 2)
                     if give_up_s is not None and time.monotonic() - start + delay > give_up_s:
-                        return PressResult(key, counter, False, attempt, time.monotonic() - start)
+                        return result(False)
                     self.retransmissions += 1
                     await asyncio.sleep(delay)
             finally:
@@ -263,17 +273,32 @@ class SerialBus:
 
 
 class MqttBus:
-    """Simulated callers reaching the broker.  One connection carries them all."""
+    """Simulated callers reaching the broker.  One connection carries them all.
 
-    def __init__(self, host: str, port: int, prefix: str, *, will_for: int | None = None) -> None:
+    A lost connection is made again, as a caller's firmware does.  A frame sent
+    while it is down is lost, like one sent out of radio range; the press's own
+    repetition brings it through once the broker is back.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        prefix: str,
+        *,
+        will_for: int | None = None,
+        reconnect_s: float = 0.5,
+    ) -> None:
         self.host, self.port, self.prefix = host, port, prefix
         self.callers: dict[int, SimCaller] = {}
         self._will_for = will_for
+        self._reconnect_s = reconnect_s
         self._client: Any = None
-        self._stack = contextlib.AsyncExitStack()
-        self._reader_task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.connections = 0
+        self.send_failures = 0  # frames lost because the broker was out of reach
 
-    async def __aenter__(self) -> MqttBus:
+    def _new_client(self) -> Any:
         import socket
 
         import aiomqtt
@@ -283,55 +308,99 @@ class MqttBus:
             will = aiomqtt.Will(
                 f"{self.prefix}/caller/{self._will_for}/status", b"offline", qos=1, retain=True
             )
-        self._client = await self._stack.enter_async_context(
-            aiomqtt.Client(
-                self.host,
-                self.port,
-                will=will,
-                timeout=10,
-                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-                max_queued_outgoing_messages=100_000,
-            )
+        client = aiomqtt.Client(
+            self.host,
+            self.port,
+            will=will,
+            timeout=10,
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            max_queued_outgoing_messages=100_000,
         )
         # --many and the benchmarks keep hundreds of presses in flight on purpose.
-        self._client.pending_calls_threshold = 100_000
+        client.pending_calls_threshold = 100_000
+        return client
+
+    async def _subscribe(self, client: Any) -> None:
+        # A clean session each time: the subscriptions are made on every connection.
         if len(self.callers) > 50:
-            await self._client.subscribe(f"{self.prefix}/caller/+/down", qos=1)
+            await client.subscribe(f"{self.prefix}/caller/+/down", qos=1)
         else:
             for device_id in self.callers:
-                await self._client.subscribe(f"{self.prefix}/caller/{device_id}/down", qos=1)
+                await client.subscribe(f"{self.prefix}/caller/{device_id}/down", qos=1)
         if self._will_for is not None:
-            await self._client.publish(
+            await client.publish(
                 f"{self.prefix}/caller/{self._will_for}/status", b"online", qos=1, retain=True
             )
-        self._reader_task = asyncio.create_task(self._read())
+
+    async def __aenter__(self) -> MqttBus:
+        first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._task = asyncio.create_task(self._run(first))
+        try:
+            # Reaching nobody at the start is an error to report, not to wait out.
+            await first
+        except BaseException:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            raise
         return self
 
+    async def _run(self, first: asyncio.Future[None]) -> None:
+        import aiomqtt
+
+        while True:
+            try:
+                async with self._new_client() as client:
+                    await self._subscribe(client)
+                    self._client = client
+                    self.connections += 1
+                    if not first.done():
+                        first.set_result(None)
+                    async for message in client.messages:
+                        self._deliver(message)
+            except aiomqtt.MqttError as exc:
+                if not first.done():
+                    first.set_exception(exc)
+                    return
+            finally:
+                self._client = None
+            await asyncio.sleep(self._reconnect_s)
+
+    def _deliver(self, message: Any) -> None:
+        payload = message.payload
+        if not isinstance(payload, bytes | bytearray):
+            return
+        item = decode_frame(bytes(payload))
+        if isinstance(item, Frame):
+            caller = self.callers.get(item.device_id)
+            if caller is not None:
+                caller.received(item)
+
     async def __aexit__(self, *exc: object) -> None:
-        if self._reader_task:
-            self._reader_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader_task
-        if self._will_for is not None and self._client is not None:
+        client = self._client
+        if self._will_for is not None and client is not None:
             with contextlib.suppress(Exception):
-                await self._client.publish(
+                await client.publish(
                     f"{self.prefix}/caller/{self._will_for}/status", b"offline", qos=1, retain=True
                 )
-        await self._stack.aclose()
-
-    async def _read(self) -> None:
-        async for message in self._client.messages:
-            payload = message.payload
-            if not isinstance(payload, bytes | bytearray):
-                continue
-            item = decode_frame(bytes(payload))
-            if isinstance(item, Frame):
-                caller = self.callers.get(item.device_id)
-                if caller is not None:
-                    caller.received(item)
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
     async def send(self, device_id: int, frame: bytes) -> None:
-        await self._client.publish(f"{self.prefix}/caller/{device_id}/up", frame, qos=1)
+        import aiomqtt
+
+        client = self._client
+        if client is None:
+            self.send_failures += 1
+            return
+        try:
+            # Not the acknowledgement the caller waits for, only the broker's
+            # PUBACK: no reason to hold the press longer than its own repeat.
+            await client.publish(f"{self.prefix}/caller/{device_id}/up", frame, qos=1, timeout=5)
+        except aiomqtt.MqttError:
+            self.send_failures += 1
 
 
 # -- command line -------------------------------------------------------------------
@@ -460,6 +529,26 @@ async def _interactive(args: argparse.Namespace, keys: dict[int, bytes], prefix:
     return 0
 
 
+def _write_press_log(path: Path, results: list[PressResult]) -> None:
+    """Which presses, not only how many: one JSON line each, so a test can look
+    for every acknowledged press at the far end."""
+    lines = [
+        json.dumps(
+            {
+                "device": r.device_id,
+                "counter": r.counter,
+                "key": r.key.name.lower(),
+                "acked": r.acked,
+                "attempts": r.attempts,
+                "sent_at": r.sent_at,
+                "done_at": r.done_at,
+            }
+        )
+        for r in results
+    ]
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
 async def _many(args: argparse.Namespace, keys: dict[int, bytes], prefix: str) -> int:
     ids = sorted(keys)[: args.many]
     if len(ids) < args.many:
@@ -505,6 +594,8 @@ async def _many(args: argparse.Namespace, keys: dict[int, bytes], prefix: str) -
         if hb:
             hb.cancel()
     counters.flush()
+    if args.press_log:
+        _write_press_log(Path(args.press_log), results)
     acked = [r for r in results if r.acked]
     lat = sorted(r.latency_s * 1000 for r in acked)
     summary = {
@@ -513,6 +604,7 @@ async def _many(args: argparse.Namespace, keys: dict[int, bytes], prefix: str) -
         "acknowledged": len(acked),
         "not_acknowledged": len(results) - len(acked),
         "retransmissions": sum(c.retransmissions for c in callers.values()),
+        "send_failures": getattr(bus, "send_failures", 0),
         "latency_ms_median": round(statistics.median(lat), 2) if lat else None,
         "latency_ms_p99": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 2) if lat else None,
     }
@@ -543,6 +635,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=10.0, help="--many: seconds to run")
     p.add_argument("--heartbeat", type=float, default=300.0, help="seconds between heartbeats")
     p.add_argument("--timeout", type=float, default=15.0, help="give up on a press after this")
+    p.add_argument(
+        "--press-log", metavar="PATH", help="--many: write every press (JSON lines) to PATH"
+    )
     p.add_argument(
         "--state-dir",
         default=os.environ.get("ONETOUCH_SIM_STATE", ".sim-state"),
