@@ -1,15 +1,21 @@
 """Fault campaign: ``kill -9`` of the daemon at random moments, twenty times in a
-row, while callers keep pressing over MQTT.
+row, while callers keep pressing over MQTT and the district's reference central
+store takes every case the gateway syncs.
 
 The caller simulator runs throughout with a long ``--timeout``: a press the
 dead daemon never acknowledged is repeated, byte for byte, until a restarted
 daemon acknowledges it.  The seed makes the kill moments reproducible; the
 press pattern itself is the simulator's own (unseeded) randomness, which is
 fine: the invariants below hold for any pattern.
+
+Exactly once is checked at both ends: in the gateway's journal, and at the
+central store, which must hold every acknowledged press's mark once (see
+``district.py``) and every case at the gateway's final version.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import signal
@@ -24,11 +30,29 @@ from typing import Any
 import pytest
 
 from firmware_protocol import Key
+from gateway.config import load_gateway_file
+from simulators.caller import CounterFile, MqttBus, SimCaller
 
 from ..conftest import REPO, Broker, write_config
 from ..e2e.conftest import Daemon
+from ..integration.helpers import caller_key
+from ..sync.conftest import Central, CentralTarget
+from .district import (
+    DistrictSide,
+    GatewaySide,
+    Press,
+    acked_presses,
+    check_presses_at_district,
+    check_records_exactly_once,
+    journal_presses,
+    read_press_log,
+    sync_section,
+    unacked,
+    wait_until,
+)
 
-pytestmark = pytest.mark.e2e
+# Twenty restarts, the load, and the drain to the district: well past the default.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(480)]
 
 SEED = 20240607
 KILLS = 20
@@ -48,11 +72,72 @@ def _db_rows(db: Path) -> tuple[list[tuple[int, int, int]], list[dict[str, Any]]
     return keys, cases
 
 
-def test_twenty_kill_9_lose_no_acknowledged_press(tmp_path, broker: Broker, daemon_factory):
-    rng = random.Random(SEED)
-    cfg = write_config(tmp_path, mqtt_port=broker.port, village="kill9")
-    db = tmp_path / "gateway.db"
+async def _green_again(port: int, prefix: str, devices: list[int], counters: Path) -> list[Press]:
+    """One green press from each caller, as the same callers (their counters go on)."""
+    bus = MqttBus("127.0.0.1", port, prefix)
+    store = CounterFile(counters)
+    callers = {d: SimCaller(d, caller_key(d), store, bus.send) for d in devices}
+    bus.callers.update(callers)
+    async with bus:
+        results = await asyncio.gather(*(c.press(Key.CALL, give_up_s=60) for c in callers.values()))
+    store.flush()
+    assert all(r.acked for r in results), results
+    return [Press(r.device_id, r.counter, "call") for r in results]
 
+
+def _settle(cfg: Path, db: Path, daemon_factory: list[Daemon]) -> None:
+    """Run the daemon until the district has acknowledged every record, then stop
+    it cleanly.  A deadline may fire between the last acknowledgement and the
+    stop and make one record more; then once again."""
+    for _ in range(5):
+        daemon = Daemon(cfg)
+        daemon_factory.append(daemon)
+        daemon.wait_for("gateway ready")
+        wait_until(lambda: unacked(db) == 0, "the outbox drains to the district", 120)
+        assert daemon.stop() == 0
+        if unacked(db) == 0:
+            return
+    raise AssertionError("the outbox never stayed drained over a clean stop")
+
+
+def test_twenty_kill_9_lose_no_acknowledged_press(
+    tmp_path: Path, broker: Broker, daemon_factory: list[Daemon]
+) -> None:
+    rng = random.Random(SEED)
+    village = "kill9"
+    cfg = write_config(tmp_path, mqtt_port=broker.port, village=village)
+    with cfg.open("a") as fh:
+        fh.write(sync_section(broker.port, f"sync-{village}-{tmp_path.name}"))
+    db = tmp_path / "gateway.db"
+    central_db = tmp_path / "central.db"
+    # A group of its own: the session's broker may carry other tests' stores.
+    central = Central(
+        broker.port,
+        CentralTarget("sqlite", ["--db", f"sqlite:{central_db}"], path=central_db),
+        group=f"kill9{tmp_path.name}".replace("-", "")[:40],
+    )
+    try:
+        central.start()
+        asyncio.run(central.ready())
+        _campaign(tmp_path, broker, cfg, db, rng, daemon_factory)
+        _settle(cfg, db, daemon_factory)
+        gw, district = GatewaySide.read(db), DistrictSide.read(central_db, village)
+    finally:
+        central.kill()
+    check_records_exactly_once(gw, district)
+    presses = journal_presses(db)
+    assert len(presses) == len(set(presses))
+    check_presses_at_district(presses, district)
+
+
+def _campaign(
+    tmp_path: Path,
+    broker: Broker,
+    cfg: Path,
+    db: Path,
+    rng: random.Random,
+    daemon_factory: list[Daemon],
+) -> None:
     daemon = Daemon(cfg)
     daemon_factory.append(daemon)
     daemon.wait_for("gateway ready")
@@ -81,6 +166,8 @@ def test_twenty_kill_9_lose_no_acknowledged_press(tmp_path, broker: Broker, daem
             "0",
             "--timeout",
             "120",
+            "--press-log",
+            str(tmp_path / "presses.jsonl"),
             "--mqtt",
             f"127.0.0.1:{broker.port}",
         ],
@@ -111,6 +198,8 @@ def test_twenty_kill_9_lose_no_acknowledged_press(tmp_path, broker: Broker, daem
     assert summary["presses"] >= 40, summary  # the campaign really ran under load
     assert summary["not_acknowledged"] == 0, summary
     assert summary["acknowledged"] == summary["presses"]
+    seen_acked = acked_presses(read_press_log(tmp_path / "presses.jsonl"))
+    assert len(seen_acked) == summary["acknowledged"]
 
     # Every case resumes: stop cleanly, start once more, and the daemon
     # restores exactly the open cases the database holds, each with its timer.
@@ -126,17 +215,26 @@ def test_twenty_kill_9_lose_no_acknowledged_press(tmp_path, broker: Broker, daem
         # Nobody answers in this test, so every open case is waiting for
         # someone and must have a pending deadline.
         assert restored["deadlines"] == open_before
+    # And it carries on with them: a green press from each caller with a case
+    # open is taken into that case, not made a new one.
+    open_devices = sorted({int(c["_device"]) for c in cases_before if c["_open"]})
+    prefix = load_gateway_file(cfg).topic_prefix
+    more = asyncio.run(
+        _green_again(broker.port, prefix, open_devices, tmp_path / "sim" / "counters.json")
+    )
+    seen_acked = sorted([*seen_acked, *more])
     assert daemon.stop() == 0
+    _, after = _db_rows(db)
+    still_open = {c["id"] for c in after if c["_open"]}
+    assert still_open == {c["id"] for c in cases_before if c["_open"]}
 
     keys, cases = _db_rows(db)
-    # Every acknowledged press is in the journal exactly once.  The simulator
-    # only counts presses (its counters never repeat), so: as many key rows
-    # as acknowledged presses, and no (device, counter) twice.  A press that
-    # was stored but whose ack died with the daemon was repeated and re-acked
-    # as a duplicate, never stored a second time.
+    # Every acknowledged press is in the journal exactly once, and nothing
+    # else is.  A press that was stored but whose ack died with the daemon was
+    # repeated and re-acked as a duplicate, never stored a second time.
     idents = [(d, c) for d, c, _k in keys]
     assert len(set(idents)) == len(idents)
-    assert len(keys) == summary["acknowledged"]
+    assert sorted(journal_presses(db)) == seen_acked
 
     # Cases.  The desk handles a green press in one of two ways: with no open
     # case for the caller it opens case "<device>-<counter>"; with one open it
