@@ -188,6 +188,12 @@ class OutboxStats:
     acked: int  # acknowledged records still kept (until the retention period ends)
 
 
+@dataclass
+class _NoteGroup:
+    done: asyncio.Future[None]
+    rows: list[tuple[object, ...]] = field(default_factory=list)
+
+
 class StoreError(Exception):
     """The store could not do what was asked (disk full, I/O error, newer schema)."""
 
@@ -251,6 +257,9 @@ class Store:
         # several awaits; without this another writer's statement could land
         # inside it (and be rolled back with it).
         self._write = asyncio.Lock()
+        # Notification records that wait for the same transaction (see record_notification).
+        self._notes: _NoteGroup | None = None
+        self._note_tasks: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def open(
@@ -431,15 +440,47 @@ class Store:
         outcome: str,
         detail: str = "",
     ) -> None:
+        """Durable when this returns.
+
+        A burst of calls notifies as many people at once; one transaction per
+        record would queue that many fsyncs on the write lock ahead of the next
+        batch of presses.  Records that arrive while one group waits for the
+        lock join it and share its commit.
+        """
+        group = self._notes
+        if group is None:
+            group = self._notes = _NoteGroup(asyncio.get_running_loop().create_future())
+            task = asyncio.get_running_loop().create_task(self._write_notes(group))
+            self._note_tasks.add(task)
+            task.add_done_callback(self._note_tasks.discard)
+        group.rows.append((at, case_id, person_id, kind, channel, outcome, detail))
+        # Shielded: a caller that stops waiting must not abandon the others' records.
+        await asyncio.shield(group.done)
+
+    async def _write_notes(self, group: _NoteGroup) -> None:
         try:
-            async with self._write:
-                await self._db.execute(
+            async with self._transaction():
+                if self._notes is group:
+                    self._notes = None  # later records start the next group
+                await self._db.executemany(
                     "INSERT INTO notifications (at, case_id, person_id, kind, channel, outcome, "
                     "detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (at, case_id, person_id, kind, channel, outcome, detail),
+                    group.rows,
                 )
         except sqlite3.Error as exc:
-            raise StoreError(f"{self.path}: could not record a notification: {exc}") from exc
+            if self._notes is group:
+                self._notes = None
+            group.done.set_exception(
+                StoreError(f"{self.path}: could not record a notification: {exc}")
+            )
+        except BaseException as exc:
+            if self._notes is group:
+                self._notes = None
+            if not group.done.done():
+                group.done.set_exception(StoreError(f"{self.path}: store closing: {exc!r}"))
+            raise
+        else:
+            group.done.set_result(None)
 
     async def notifications(self, case_id: str) -> list[dict[str, Any]]:
         async with self._db.execute(
