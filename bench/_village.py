@@ -15,10 +15,15 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from simulators.caller import CounterFile
+
 REPO = Path(__file__).resolve().parent.parent
+# Taken when a benchmark starts: the machines are shared, and a figure means
+# little without knowing what else was running.
+_LOAD_AT_START = os.getloadavg()
 
 
 def free_port() -> int:
@@ -27,23 +32,60 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
 def machine() -> dict[str, object]:
     return {
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "machine": platform.machine(),
         "system": f"{platform.system()} {platform.release()}",
+        "load_average_at_start": [round(x, 2) for x in _LOAD_AT_START],
     }
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-quantile by nearest rank (q=0.99 of 200 values is the second largest)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def write_residents(path: Path, n: int) -> dict[int, bytes]:
     keys = {1_000_000 + i: hashlib.sha256(f"bench-{i}".encode()).digest()[:16] for i in range(n)}
     lines = []
     for device_id, key in keys.items():
-        lines += ["[[caller]]", f"id = {device_id}", f'key = "{key.hex()}"',
-                  f'resident = "resident {device_id}"', 'grid = "grid-1"', ""]
+        lines += [
+            "[[caller]]",
+            f"id = {device_id}",
+            f'key = "{key.hex()}"',
+            f'resident = "resident {device_id}"',
+            'grid = "grid-1"',
+            "",
+        ]
     path.write_text("\n".join(lines))
     return keys
+
+
+class MemoryCounters(CounterFile):
+    """A caller's frame counters kept in memory only.
+
+    The simulator writes its whole counter file each time a caller it has not
+    seen before sends a frame, as firmware writes flash; with thousands of
+    callers pressing at once that is the load generator's time, not the
+    gateway's, and it grows with every caller that pressed before.  One of
+    these per village keeps every counter rising, as a file would.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(Path("/nonexistent/bench-counters.json"))
+
+    def _save(self) -> None:
+        pass
 
 
 @dataclass
@@ -54,15 +96,18 @@ class Running:
     gateway: subprocess.Popen[bytes]
     keys: dict[int, bytes]
     prefix: str = "onetouch/bench"
+    counters: MemoryCounters = field(default_factory=MemoryCounters)
+    broker_pid: int = 0
 
     @property
     def db(self) -> Path:
         return self.workdir / "gateway.db"
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.gateway.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks
+        return cpu_seconds(self.gateway.pid)
+
+    def broker_cpu_seconds(self) -> float:
+        return cpu_seconds(self.broker_pid) if self.broker_pid else float("nan")
 
     def rss_mb(self) -> float:
         for line in Path(f"/proc/{self.gateway.pid}/status").read_text().splitlines():
@@ -89,12 +134,25 @@ def village(callers: int) -> Iterator[Running]:
         )
         procs: list[subprocess.Popen[bytes]] = []
         try:
-            procs.append(subprocess.Popen([_find("mosquitto"), "-c", str(work / "mosquitto.conf")],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(
+                    [_find("mosquitto"), "-c", str(work / "mosquitto.conf")],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
             gw_tty, bus_tty = work / "ttyGW", work / "ttyBUS"
-            procs.append(subprocess.Popen([_find("socat"), f"pty,raw,echo=0,link={gw_tty}",
-                                           f"pty,raw,echo=0,link={bus_tty}"],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        _find("socat"),
+                        f"pty,raw,echo=0,link={gw_tty}",
+                        f"pty,raw,echo=0,link={bus_tty}",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
             keys = write_residents(work / "residents.toml", callers)
             (work / "gateway.toml").write_text(
                 '[village]\nid = "bench"\n[store]\npath = "gateway.db"\n'
@@ -112,14 +170,16 @@ def village(callers: int) -> Iterator[Running]:
             log = (work / "gateway.log").open("wb")
             gateway = subprocess.Popen(
                 [sys.executable, "-m", "gateway", "run", "--config", str(work / "gateway.toml")],
-                cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
             procs.append(gateway)
             # At level warning the ready line is not logged; the database and the
             # broker session tell us instead.
             _wait_ready(work, gateway, port)
             try:
-                yield Running(work, port, bus_tty, gateway, keys)
+                yield Running(work, port, bus_tty, gateway, keys, broker_pid=procs[0].pid)
             except BaseException:
                 # Keep the evidence: the temporary folder goes with this block.
                 kept = REPO / "bench" / "results" / "failed-gateway.log"
@@ -142,14 +202,17 @@ def _wait_ready(work: Path, gateway: subprocess.Popen[bytes], port: int) -> None
     import aiomqtt  # noqa: F401  (fail early if the environment is wrong)
 
     deadline = time.monotonic() + 60
-    probe = [sys.executable, "-c",
-             "import asyncio, aiomqtt, sys\n"
-             "async def m():\n"
-             f"    async with aiomqtt.Client('127.0.0.1', {port}) as c:\n"
-             "        await c.subscribe('onetouch/bench/gateway/status', qos=1)\n"
-             "        async for msg in c.messages:\n"
-             "            sys.exit(0 if msg.payload == b'online' else 1)\n"
-             "asyncio.run(asyncio.wait_for(m(), 3))\n"]
+    probe = [
+        sys.executable,
+        "-c",
+        "import asyncio, aiomqtt, sys\n"
+        "async def m():\n"
+        f"    async with aiomqtt.Client('127.0.0.1', {port}) as c:\n"
+        "        await c.subscribe('onetouch/bench/gateway/status', qos=1)\n"
+        "        async for msg in c.messages:\n"
+        "            sys.exit(0 if msg.payload == b'online' else 1)\n"
+        "asyncio.run(asyncio.wait_for(m(), 3))\n",
+    ]
     while time.monotonic() < deadline:
         if gateway.poll() is not None:
             raise SystemExit(f"gateway exited: {(work / 'gateway.log').read_text()[-2000:]}")

@@ -16,7 +16,7 @@ import random
 import statistics
 
 from firmware_protocol import Key
-from simulators.caller import CounterFile, MqttBus, SerialBus, SimCaller
+from simulators.caller import MqttBus, SerialBus, SimCaller
 
 from ._village import Running, report, village
 
@@ -37,9 +37,9 @@ async def _measure(run: Running, transport: str, mode: str, seed: int) -> list[f
     # caller's second press waits for its first (one press in flight, SPEC.md).
     population = sorted(run.keys)
     ids = rng.sample(population, min(count, len(population)))
-    # One counter file per village: a caller that forgot its counters would be
-    # refused as a replay, as a real one would.
-    counters = CounterFile(run.workdir / "sim-counters.json")
+    # One set of counters per village: a caller that forgot its counters would
+    # be refused as a replay, as a real one would.
+    counters = run.counters
     bus: MqttBus | SerialBus
     if transport == "mqtt":
         bus = MqttBus("127.0.0.1", run.mqtt_port, run.prefix)
@@ -72,14 +72,18 @@ async def _bench(run: Running, runs: int, callers: int) -> list[dict[str, object
                 lat = await _measure(run, transport, mode, seed=i * 7919 + callers)
                 medians.append(statistics.median(lat))
                 p99s.append(_pct(lat, 0.99))
-            rows.append({
-                "callers": callers,
-                "transport": transport,
-                "load": f"{STEADY_RATE:.0f}/s steady" if mode == "steady" else f"{BURST} at once",
-                "median_ms": round(statistics.median(medians), 2),
-                "p99_ms": round(statistics.median(p99s), 2),
-                "runs": runs,
-            })
+            rows.append(
+                {
+                    "callers": callers,
+                    "transport": transport,
+                    "load": f"{STEADY_RATE:.0f}/s steady"
+                    if mode == "steady"
+                    else f"{BURST} at once",
+                    "median_ms": round(statistics.median(medians), 2),
+                    "p99_ms": round(statistics.median(p99s), 2),
+                    "runs": runs,
+                }
+            )
             print(rows[-1], flush=True)
     return rows
 
