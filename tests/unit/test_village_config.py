@@ -94,8 +94,8 @@ def problems_of(tmp_path: Path, people: str = PEOPLE, roster: str = ROSTER) -> l
 def test_the_example_village_loads_and_is_fully_covered() -> None:
     res = load_residents(CONFIG / "residents.toml")
     village = load_village(CONFIG / "people.toml", CONFIG / "roster.toml", res)
-    assert 5 <= len(village.people) <= 6
-    assert {p.role for p in village.people.values()} == set(Role) - {Role.GRID_WORKER}
+    assert len(village.people) == 7
+    assert {p.role for p in village.people.values()} == set(Role)
     assert len(village.callers) == 36
     assert village.roster.timezone == "Asia/Shanghai"
     assert check_coverage(village, START) == []
