@@ -78,11 +78,16 @@ class Tick:
 @dataclass(frozen=True, slots=True)
 class NotifyFailed:
     """A channel could not take a message at once (modem refused the SMS, the
-    app push was rejected).  Not for unanswered messages: those are timeouts."""
+    app push was rejected), or a call rang and nobody picked up (busy,
+    rejected, no answer: ``reason``).  Not for messages taken but not answered:
+    those are timeouts.  ``along`` names channels that went with this one and
+    are no way to reach the person without it (the text sent with a call)."""
 
     person_id: str
     case_id: str | None
     channel: str
+    reason: str = ""
+    along: tuple[str, ...] = ()
 
 
 DeskEvent = KeyPressed | HeartbeatReceived | PersonAnswered | DeadlineDue | Tick | NotifyFailed

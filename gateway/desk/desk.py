@@ -661,6 +661,11 @@ class Desk:
         except ValueError:
             out.outward.append(Rejected("NotifyFailed", f"unknown channel {event.channel!r}"))
             return
+        try:
+            along = tuple(Channel(c) for c in event.along)
+        except ValueError:
+            out.outward.append(Rejected("NotifyFailed", f"unknown channel in {event.along!r}"))
+            return
         case = None if event.case_id is None else self._cases.get(event.case_id)
         if case is None or not case.open:
             out.records.append(
@@ -676,8 +681,13 @@ class Desk:
             )
             return
         detail = f"{self._name(event.person_id)} via {channel.value}"
+        if event.reason:
+            detail += f": {event.reason}"
         if case.state is CaseState.NOTIFYING and case.current == event.person_id:
-            failed = tuple(dict.fromkeys((*case.failed_channels, channel)))
+            # A text that went with an unanswered call is on the phone, and an
+            # accept by it later is still taken; it is no reason to keep the
+            # resident waiting out the timeout for this person.
+            failed = tuple(dict.fromkeys((*case.failed_channels, channel, *along)))
             person = self.village.people.get(event.person_id)
             if person is None or set(person.channels) <= set(failed):
                 # Every way to reach this person has failed: waiting out the

@@ -178,7 +178,9 @@ class Case:
     current: str | None = None  # the person whose answer is awaited
     tried: tuple[str, ...] = ()  # people tried in this pass
     notified: tuple[str, ...] = ()  # everyone ever told of the case, in order
-    failed_channels: tuple[Channel, ...] = ()  # of ``current``, failed at once
+    # Of ``current``: channels that failed at once, or rang unanswered (with
+    # the text that went along).
+    failed_channels: tuple[Channel, ...] = ()
     accepted_by: str | None = None
     accepted_at: float | None = None
     on_site_at: float | None = None

@@ -308,6 +308,44 @@ def test_every_channel_failing_at_once_moves_on_at_once(desk: Desk, keys: Keys) 
     assert schedules(second) == [ScheduleDeadline(case_id, DeadlineKind.ACK, T + 2 + 120)]
 
 
+def test_a_call_nobody_picked_up_moves_on_despite_the_text_sent_with_it(keys: Keys) -> None:
+    caller = Person(
+        "sec", "王书记", Role.SECRETARY, "139001", None, (), (Channel.VOICE, Channel.SMS)
+    )
+    desk = Desk(make_village(people={"sec": caller}))
+    case_id = open_case(desk, keys)
+    actions = desk.handle(NotifyFailed("sec", case_id, "voice", "no_answer", ("sms",)), T + 40)
+    case = desk.cases[case_id]
+    assert case.current == "gl1"
+    assert case.transitions[-1].cause == "unreachable"
+    assert "王书记 via voice: no_answer" in case.transitions[-1].detail
+    assert schedules(actions) == [ScheduleDeadline(case_id, DeadlineKind.ACK, T + 40 + 120)]
+
+
+def test_a_call_nobody_picked_up_waits_for_channels_not_yet_tried(keys: Keys) -> None:
+    caller = Person(
+        "sec", "王书记", Role.SECRETARY, "139001", "app-sec", (),
+        (Channel.VOICE, Channel.SMS, Channel.APP),
+    )  # fmt: skip
+    desk = Desk(make_village(people={"sec": caller}))
+    case_id = open_case(desk, keys)
+    desk.handle(NotifyFailed("sec", case_id, "voice", "busy", ("sms",)), T + 10)
+    case = desk.cases[case_id]
+    assert case.current == "sec"  # the app took it: wait for an answer there
+    assert set(case.failed_channels) == {Channel.VOICE, Channel.SMS}
+    desk.handle(NotifyFailed("sec", case_id, "app"), T + 11)
+    assert desk.cases[case_id].current == "gl1"
+
+
+def test_notify_failed_with_an_unknown_along_channel_is_rejected(desk: Desk, keys: Keys) -> None:
+    case_id = open_case(desk, keys)
+    actions = desk.handle(NotifyFailed("sec", case_id, "app", "busy", ("fax",)), T + 1)
+    assert [a.reason for a in actions if isinstance(a, Rejected)] == [
+        "unknown channel in ('fax',)"
+    ]
+    assert desk.cases[case_id].failed_channels == ()
+
+
 def test_an_exhausted_chain_repeats_then_raises_the_unanswered_alarm(
     desk: Desk, keys: Keys
 ) -> None:
