@@ -6,6 +6,8 @@ scriptable phone network behind it.
     python -m simulators.modem --port /dev/pts/7 --answer 13800000001:3:1 \\
         --busy 13800000002 --never 13800000003 --reject 13800000004 \\
         --reply "13800000001:2:1 收到" --sim-busy 5 --garbage 2 --split-writes
+    python -m simulators.modem --link /tmp/ttyMODEM --hang-after 30 \\
+        --hang-cleared-by power --reset-file /tmp/modem-reset
 
 The gateway opens ``--link`` (a symlink to a fresh pty) or the other end of
 the socat pair given as ``--port``, exactly as it would open /dev/ttyUSB2.
@@ -20,10 +22,19 @@ A scenario file (JSON, or TOML by extension) holds the same as the flags::
                 "13800000004": {"reject": true, "reject_quirk": true}},
      "sim": "ready", "sim_busy_s": 5, "registered": true, "csq": 23,
      "garbage_every_s": null, "split_writes": false,
-     "hang_after_s": null, "hang_for_s": null, "dtmf": "quectel",
+     "hang_after_s": null, "hang_for_s": null, "hang_cleared_by": "cfun",
+     "reset_file": null, "dtmf": "quectel",
      "inbox": [{"sender": "13800000009", "text": "到了"}]}
 
 Numbers not listed ring until the network gives up (``NO ANSWER``).
+
+A hung module answers nothing.  What wakes it is ``hang_cleared_by``:
+``"cfun"`` (its firmware still acts on ``AT+CFUN=1,1`` and reboots) or
+``"power"`` (only a power cycle or the RESET_N pin).  ``reset_file`` plays
+that pin: when the file appears or its time stamp changes (``touch`` it, as a
+village's reset script would toggle a GPIO), the module reboots.  A reboot,
+by either way, is silence for ``boot_s``, then ``RDY``, then ``+CPIN: READY``,
+and the SIM answers "SIM busy" for ``sim_busy_s``, as after power-up.
 
 The SMS PDU code here is written apart from the gateway's on purpose: a
 mistake shared by both ends would pass every test and fail on a real phone.
@@ -86,12 +97,20 @@ class Scenario:
     split_writes: bool = False
     hang_after_s: float | None = None  # stop answering this long after start ...
     hang_for_s: float | None = None  # ... for this long (None: until restart())
+    hang_cleared_by: str = "power"  # "cfun": AT+CFUN=1,1 still reboots a hung module
+    reset_file: str | None = None  # touching this file pulls RESET_N (a reboot)
     dtmf: str | None = "quectel"  # "quectel" (+QTONEDET), "simcom" (+RXDTMF) or None
     clcc_urc: bool = False  # SIMCom: AT+CLCC=1 reports call state changes; Quectel: ERROR
     network_no_answer_s: float = 60.0
     boot_s: float = 0.3
     model: str = "EC25"
     inbox: list[dict[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.hang_cleared_by not in ("cfun", "power"):
+            raise ValueError(
+                f"hang_cleared_by must be 'cfun' or 'power', not {self.hang_cleared_by!r}"
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Scenario:
@@ -310,6 +329,7 @@ class ModemSim:
         self.sms_parts: list[SubmitPart] = []
         self.calls: list[CallRecord] = []
         self.commands: list[str] = []
+        self.reboots: list[str] = []  # why each reboot happened: "power", "cfun", "reset_pin"
         # Module state
         self.registered = self.scenario.registered
         self.csq = self.scenario.csq
@@ -368,6 +388,8 @@ class ModemSim:
             self._spawn(self._garbage_loop(self.scenario.garbage_every_s))
         if self.scenario.hang_after_s is not None:
             self._spawn(self._hang_later(self.scenario.hang_after_s, self.scenario.hang_for_s))
+        if self.scenario.reset_file is not None:
+            self._spawn(self._watch_reset_pin(Path(self.scenario.reset_file)))
         for message in self.scenario.inbox:
             self._store_incoming(message["sender"], message["text"], notify=False)
 
@@ -424,8 +446,14 @@ class ModemSim:
 
     # -- faults, for tests -------------------------------------------------
 
-    def hang(self, seconds: float | None = None) -> None:
-        """Stop answering anything, for ``seconds`` or until ``restart()``."""
+    def hang(self, seconds: float | None = None, *, cleared_by: str | None = None) -> None:
+        """Stop answering anything, for ``seconds`` or until a reboot.
+        ``cleared_by`` ("cfun" or "power") overrides the scenario's
+        ``hang_cleared_by``: whether ``AT+CFUN=1,1`` still gets through."""
+        if cleared_by is not None:
+            if cleared_by not in ("cfun", "power"):
+                raise ValueError(f"cleared_by must be 'cfun' or 'power', not {cleared_by!r}")
+            self.scenario.hang_cleared_by = cleared_by
         self.hung = True
         if seconds is not None:
             self._spawn(self._unhang_later(seconds))
@@ -433,9 +461,11 @@ class ModemSim:
     def unhang(self) -> None:
         self.hung = False
 
-    def restart(self) -> None:
+    def restart(self, why: str = "power") -> None:
         """A power cycle: settings lost, the SIM busy again, ``RDY`` on boot."""
         loop = asyncio.get_running_loop()
+        self.reboots.append(why)
+        self._emit("reboot", why=why)
         self.hung = False
         self._reset_settings()
         self._inbuf.clear()
@@ -487,6 +517,21 @@ class ModemSim:
     async def _hang_later(self, after: float, seconds: float | None) -> None:
         await asyncio.sleep(after)
         self.hang(seconds)
+
+    async def _watch_reset_pin(self, path: Path) -> None:
+        def stamp() -> float | None:
+            try:
+                return path.stat().st_mtime_ns
+            except OSError:
+                return None
+
+        last = stamp()
+        while True:
+            await asyncio.sleep(0.05)
+            now = stamp()
+            if now is not None and now != last:
+                self.restart("reset_pin")
+            last = now
 
     async def _garbage_loop(self, every: float) -> None:
         while True:
@@ -576,7 +621,10 @@ class ModemSim:
 
     def _feed(self, data: bytes) -> None:
         loop = asyncio.get_running_loop()
-        if self.hung or loop.time() < self._booting_until:
+        if loop.time() < self._booting_until:
+            return
+        if self.hung:
+            self._feed_hung(data)
             return
         self._inbuf += data
         while True:
@@ -603,6 +651,22 @@ class ModemSim:
                     self._write(line.encode() + b"\r")
                 self.commands.append(line)
                 self._command(line)
+
+    def _feed_hung(self, data: bytes) -> None:
+        # Nothing is answered (what was heard is kept in ``commands`` for the
+        # tests); a module whose firmware still hears a reset reboots on
+        # AT+CFUN=1,1.
+        self._inbuf += data
+        *lines, rest = re.split(rb"[\r\n]", bytes(self._inbuf))
+        self._inbuf = bytearray(rest[-1024:])
+        for raw in lines:
+            line = raw.decode("ascii", "replace").strip()
+            if not line:
+                continue
+            self.commands.append(line)
+            if line.upper() == "AT+CFUN=1,1" and self.scenario.hang_cleared_by == "cfun":
+                self.restart("cfun")
+                return
 
     # -- commands ----------------------------------------------------------
 
@@ -723,7 +787,7 @@ class ModemSim:
             self._reply(*lines, "OK")
         elif upper == "+CFUN=1,1":
             self._reply("OK")
-            self.restart()
+            self.restart("cfun")
         else:
             self._reply("ERROR")
 
@@ -891,6 +955,10 @@ def _scenario_from_args(args: argparse.Namespace) -> Scenario:
     if args.hang_after is not None:
         scenario.hang_after_s = args.hang_after
         scenario.hang_for_s = args.hang_for
+    if args.hang_cleared_by is not None:
+        scenario.hang_cleared_by = args.hang_cleared_by
+    if args.reset_file is not None:
+        scenario.reset_file = args.reset_file
     if args.split_writes:
         scenario.split_writes = True
     if args.dtmf is not None:
@@ -923,6 +991,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--garbage", type=float, metavar="EVERY_S")
     parser.add_argument("--hang-after", type=float, metavar="S")
     parser.add_argument("--hang-for", type=float, metavar="S", help="default: for good")
+    parser.add_argument(
+        "--hang-cleared-by",
+        choices=["cfun", "power"],
+        help="what wakes a hung module: AT+CFUN=1,1, or only a power cycle (default)",
+    )
+    parser.add_argument(
+        "--reset-file", metavar="PATH", help="touching this file reboots the module (RESET_N)"
+    )
     parser.add_argument("--split-writes", action="store_true")
     parser.add_argument("--dtmf", choices=["quectel", "simcom", "none"])
     parser.add_argument("--simcom", action="store_true", help="+RXDTMF and +CLCC URCs")
