@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -123,8 +124,56 @@ class ModemConfig(_Model):
     # The key a person presses during the call to accept it; "" when the
     # module cannot hear keys (then an answered call only counts as reached).
     accept_digit: Annotated[str, Field(pattern=r"^[0-9*#]?$")] = "1"
+    # Whether picking up the call accepts the case.  Off: only the key accepts;
+    # a call picked up without it counts as "reached" and acceptance comes by
+    # SMS or app.  On, for a village whose module cannot hear keys and who
+    # agreed that whoever picks up is coming.
+    answered_call_accepts: bool = False
     sms_template: str | None = None  # {text} {case} {resident} {address} {how_to_answer}
     how_to_answer: str | None = None
+    # When the module stops answering and reopening the port does not wake it,
+    # these ways to reset it are tried in turn: "at" sends AT+CFUN=1,1 (the
+    # module restarts itself), "command" runs reset_command (a script that
+    # toggles the module's reset pin or power).  [] only reopens the port.
+    reset: list[Literal["at", "command"]] = ["at"]
+    reset_command: Annotated[list[str] | None, Field(validate_default=True)] = None
+    reset_command_timeout_s: Annotated[float, Field(gt=0, le=600)] = 30.0
+    # How long the module needs to boot after a reset before it is opened again.
+    reset_boot_s: Annotated[float, Field(ge=0, le=600)] = 20.0
+
+    @field_validator("reset")
+    @classmethod
+    def _each_once(cls, value: list[str]) -> list[str]:
+        twice = sorted({w for w in value if value.count(w) > 1})
+        if twice:
+            raise ValueError(f"lists {twice} more than once; each way is tried in turn anyway")
+        return value
+
+    @field_validator("reset_command")
+    @classmethod
+    def _program(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        # Checked here, not after the model, so that the error names this field.
+        ways = info.data.get("reset", [])
+        if value is None:
+            if "command" in ways:
+                raise ValueError(
+                    'reset includes "command" but no program is given; '
+                    'e.g. reset_command = ["/usr/local/bin/modem-reset"]'
+                )
+            return value
+        if not value or not value[0]:
+            raise ValueError('must name a program, e.g. ["/usr/local/bin/modem-reset"]')
+        if not value[0].startswith("/"):
+            raise ValueError(
+                f"the program {value[0]!r} must be an absolute path "
+                "(the service runs with a minimal PATH)"
+            )
+        if "reset" in info.data and "command" not in ways:
+            raise ValueError(
+                f'is set but reset = {ways!r} does not include "command", so it would never run; '
+                'e.g. reset = ["at", "command"]'
+            )
+        return value
 
     @field_validator("sms_template")
     @classmethod

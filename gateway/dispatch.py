@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ from .clock import WallClock
 from .desk import (
     CancelDeadline,
     Desk,
+    MessageKind,
     Notify,
     PersistCase,
     PersistNotice,
@@ -43,7 +45,7 @@ from .events import (
 )
 from .log import get_logger
 from .metrics import Metrics
-from .notify import Channel, ChannelError, Outgoing
+from .notify import Channel, ChannelError, Delivery, Outgoing
 from .store import DeskWrites, Store, StoreError
 
 __all__ = ["TICK_S", "Dispatcher", "Prepared"]
@@ -52,6 +54,10 @@ log = get_logger("gateway.dispatch")
 
 TICK_S = 60.0  # supervision: silent callers, overdue deadlines
 SEND_TIMEOUT_S = 30.0  # a channel that takes longer to take a message has failed
+# A call that has not ended this long after dialling is lost (the follower is
+# stuck); ring time and answer window together are a few minutes at most.
+DELIVERY_TIMEOUT_S = 600.0
+_CALL_KINDS = frozenset({MessageKind.CALL, MessageKind.URGENT_CALL})
 
 
 _ACCEPT_BUCKETS = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
@@ -246,14 +252,21 @@ class Dispatcher:
             kind=action.kind.value,
             text=action.text,
         )
-        for channel_name in (c.value for c in action.channels):
+        await self._try_channels(action, message, [c.value for c in action.channels])
+
+    async def _try_channels(self, action: Notify, message: Outgoing, names: list[str]) -> None:
+        """Try ``names`` in order; stop at the first that takes the message."""
+        person = self.village.people.get(action.person_id)
+        person_channels = {c.value for c in person.channels} if person is not None else set()
+        for i, channel_name in enumerate(names):
             channel = self._channels.get(channel_name)
             outcome, detail = "sent", ""
+            later: Awaitable[Delivery] | None = None
             if channel is None:
                 outcome, detail = "failed", f"this gateway has no {channel_name} channel"
             else:
                 try:
-                    await asyncio.wait_for(channel.send(message), SEND_TIMEOUT_S)
+                    later = await asyncio.wait_for(channel.send(message), SEND_TIMEOUT_S)
                 except ChannelError as exc:
                     outcome, detail = "failed", str(exc)
                 except TimeoutError:
@@ -266,30 +279,93 @@ class Dispatcher:
             if outcome == "sent":
                 log.info(
                     "person notified",
-                    person=person.id,
+                    person=message.person_id,
                     channel=channel_name,
                     case=action.case_id,
                     kind=action.kind.value,
                 )
-                if channel_name == "voice" and "sms" in {c.value for c in person.channels}:
+                along: tuple[str, ...] = ()
+                if (
+                    channel_name == "voice"
+                    and "sms" in person_channels
+                    and await self._also_sms(action, message)
+                ):
                     # A ringing phone says "come" but not where to or how to
                     # answer; the text does, and stays on the phone.
-                    await self._also_sms(action, message)
+                    along = ("sms",)
+                if later is not None and inspect.isawaitable(later):
+                    rest = [n for n in names[i + 1 :] if n not in along]
+                    self._spawn(self._follow(action, message, channel_name, later, along, rest))
                 return
             log.warning(
                 "channel failed; trying the next",
-                person=person.id,
+                person=message.person_id,
                 channel=channel_name,
                 case=action.case_id,
                 detail=detail,
-                rate_key=f"{person.id}:{channel_name}",
+                rate_key=f"{message.person_id}:{channel_name}",
             )
-            self._submit(NotifyFailed(person.id, action.case_id, channel_name))
+            self._submit(NotifyFailed(message.person_id, action.case_id, channel_name))
 
-    async def _also_sms(self, action: Notify, message: Outgoing) -> None:
+    async def _follow(
+        self,
+        action: Notify,
+        message: Outgoing,
+        channel_name: str,
+        later: Awaitable[Delivery],
+        along: tuple[str, ...],
+        rest: list[str],
+    ) -> None:
+        """A message taken by a channel that learns later whether the person
+        was reached (a call): record how it ended on the case, and when nobody
+        picked up, treat it as that channel failing: the desk hears at once
+        and the person's next channels are tried."""
+        try:
+            delivery = await asyncio.wait_for(later, DELIVERY_TIMEOUT_S)
+        except TimeoutError:
+            delivery = Delivery("failed", False, detail=f"no outcome in {DELIVERY_TIMEOUT_S:.0f} s")
+        except Exception as exc:  # a channel bug: the person was not reached
+            delivery = Delivery("failed", False, detail=f"channel error: {exc!r}")
+        await self._record(action, channel_name, delivery.outcome, delivery.detail)
+        if delivery.reached:
+            return
+        if not self._still_waiting(action):
+            log.info(
+                "call not answered; the case no longer waits for it",
+                person=message.person_id,
+                case=action.case_id,
+                outcome=delivery.outcome,
+            )
+            return
+        log.warning(
+            "call not answered; trying the next",
+            person=message.person_id,
+            case=action.case_id,
+            outcome=delivery.outcome,
+            detail=delivery.detail,
+            rate_key=f"{message.person_id}:{channel_name}:outcome",
+        )
+        # Through the intake like every desk event: committed with its
+        # consequences, so a restart finds the case as the desk left it.
+        self._submit(
+            NotifyFailed(message.person_id, action.case_id, channel_name, delivery.outcome, along)
+        )
+        if rest:
+            await self._try_channels(action, message, rest)
+
+    def _still_waiting(self, action: Notify) -> bool:
+        """Whether a message about this case is still worth a next channel."""
+        if action.case_id is None:
+            return True
+        case = self.desk.cases.get(action.case_id)
+        if case is None or not case.open:
+            return False
+        return case.waiting or action.kind not in _CALL_KINDS
+
+    async def _also_sms(self, action: Notify, message: Outgoing) -> bool:
         channel = self._channels.get("sms")
         if channel is None:
-            return
+            return False
         outcome, detail = "sent", "with the call"
         try:
             await asyncio.wait_for(channel.send(message), SEND_TIMEOUT_S)
@@ -297,6 +373,7 @@ class Dispatcher:
             outcome, detail = "failed", str(exc) or "timed out"
         self._metrics.inc("gateway_notifications_total", channel="sms", outcome=outcome)
         await self._record(action, "sms", outcome, detail)
+        return outcome == "sent"
 
     async def _record(self, action: Notify, channel: str, outcome: str, detail: str) -> None:
         try:

@@ -209,7 +209,7 @@ class Gateway:
 
     def _modem_channels(self, cfg: ModemConfig, intake: Intake) -> None:
         from .notify.answers import PhoneAnswers
-        from .notify.modem import Modem, SmsChannel, VoiceChannel
+        from .notify.modem import Modem, SmsChannel, VoiceChannel, reset_command
 
         self.phone_answers = PhoneAnswers(
             people=self.village.people,
@@ -223,6 +223,14 @@ class Gateway:
             metrics=self.metrics,
             pin=cfg.pin,
             on_sms=self.phone_answers.on_sms,
+            soft_reset="at" in cfg.reset,
+            reset=(
+                reset_command(cfg.reset_command, timeout_s=cfg.reset_command_timeout_s)
+                if cfg.reset_command is not None and "command" in cfg.reset
+                else None
+            ),
+            reset_boot_s=cfg.reset_boot_s,
+            reset_order=cfg.reset,
         )
         sms_options: dict[str, Any] = {}
         if cfg.sms_template is not None:
@@ -234,6 +242,7 @@ class Gateway:
             self.modem,
             ring_s=cfg.ring_s,
             accept_digit=cfg.accept_digit or None,
+            answered_call_accepts=cfg.answered_call_accepts,
             on_outcome=self.phone_answers.on_call,
         )
 

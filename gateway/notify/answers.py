@@ -16,7 +16,7 @@ from ..desk import Desk, Person
 from ..events import PersonAnswered
 from ..log import get_logger
 from ..metrics import Metrics
-from . import Outgoing
+from . import Delivery, Outgoing
 from .modem import CallOutcome, parse_reply
 
 __all__ = ["PhoneAnswers", "normalise_number"]
@@ -86,23 +86,24 @@ class PhoneAnswers:
         told = [c for c in self._desk().snapshot().cases if c.open and person_id in c.notified]
         return max(told, key=lambda c: c.opened_at).id if told else None
 
-    def on_call(self, message: Outgoing, outcome: CallOutcome) -> None:
+    def on_call(self, message: Outgoing, outcome: CallOutcome, delivery: Delivery) -> None:
+        """A call has ended.  An acceptance (the accept key, or a picked-up
+        call where the village counts that) becomes the person's answer, through
+        the intake like every answer; what the call did is recorded on the
+        case by the dispatcher."""
         self._metrics.inc("gateway_calls_total", result=outcome.result.value)
         log.info(
             "call outcome",
             person=message.person_id,
             case=message.case_id,
             result=outcome.result.value,
+            outcome=delivery.outcome,
             digits=outcome.digits,
-            accepted=outcome.accepted,
+            accepted=delivery.accepted,
         )
-        if outcome.accepted and message.case_id is not None:
+        if delivery.accepted and message.case_id is not None:
             self._submit(
                 PersonAnswered(
-                    message.person_id,
-                    message.case_id,
-                    "accept",
-                    "pressed the accept digit on the call",
-                    time.time(),
+                    message.person_id, message.case_id, "accept", delivery.detail, time.time()
                 )
             )

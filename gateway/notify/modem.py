@@ -37,7 +37,7 @@ import inspect
 import re
 import time
 import unicodedata
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -48,7 +48,7 @@ import serial_asyncio_fast
 from ..links._backoff import Backoff
 from ..log import get_logger
 from ..metrics import Metrics
-from . import ChannelError, Outgoing
+from . import ChannelError, Delivery, Outgoing
 
 __all__ = [
     "ANSWER_KINDS",
@@ -66,6 +66,7 @@ __all__ = [
     "decode_sms_deliver",
     "encode_sms_submit",
     "parse_reply",
+    "reset_command",
     "split_ucs2",
 ]
 
@@ -636,7 +637,10 @@ class Modem:
         min_connected_s: float = 1.5,
         answer_window_s: float = 20.0,
         on_sms: OnSms | None = None,
+        soft_reset: bool = True,
         reset: Callable[[], Awaitable[None]] | None = None,
+        reset_boot_s: float = 20.0,
+        reset_order: Sequence[str] = ("at", "command"),
     ) -> None:
         self.port = port
         self.baudrate = baudrate
@@ -661,9 +665,19 @@ class Modem:
         # coroutine function; the message is deleted from the SIM only after
         # it returns, so a crash in between repeats a message, never loses one.
         self.on_sms: OnSms | None = on_sms
-        # Hardware reset (a GPIO on PWRKEY/RESET_N) for a module that stopped
-        # answering; reopening the port alone does not wake a hung module.
+        # A module that stopped answering is first only reopened (often the
+        # USB serial link, not the module, was stuck).  When it still does not
+        # answer after that, it is reset: by AT+CFUN=1,1 (``soft_reset``; the
+        # firmware often still acts on it when nothing else is answered) and by
+        # ``reset`` (a village's script toggling RESET_N or the power), taking
+        # turns, in ``reset_order``.  ``reset_boot_s`` is how long a module
+        # needs to boot again.
+        self.soft_reset = soft_reset
         self.reset = reset
+        self.reset_boot_s = reset_boot_s
+        self.reset_order = tuple(reset_order)
+        # Sessions since the module was last ready that ended with it silent.
+        self._hung_sessions = 0
 
         self._protocol: _AtProtocol | None = None
         self._lock = asyncio.Lock()
@@ -771,6 +785,7 @@ class Modem:
             work = asyncio.create_task(self._work(backoff))
             reason = "?"
             hung = False
+            reset_by: str | None = None
             try:
                 done, _ = await asyncio.wait(
                     [work, protocol.closed, self._broken], return_when=asyncio.FIRST_COMPLETED
@@ -804,16 +819,61 @@ class Modem:
                 if not work.cancelled():
                     work.exception()  # seen above or irrelevant now; keep asyncio quiet
                 self._end_session(reason)
+                if hung:
+                    reset_by = self._next_reset()
+                    if reset_by == "at" and not protocol.closed.done():
+                        # Written without waiting for a reply: a hung module
+                        # sends none, and a rebooting one drops the line.  The
+                        # transport's close() below still writes it out.
+                        self._count_reset("at", reason)
+                        protocol.write(b"AT+CFUN=1,1\r")
+                    elif reset_by == "at":
+                        reset_by = None  # the port is gone: nothing to write to
                 transport.close()
-            log.warning("modem not ready; reopening", modem=self.name, reason=reason)
-            if hung and self.reset is not None:
-                log.warning("resetting modem hardware", modem=self.name)
-                self.metrics.inc("gateway_modem_resets_total", **self._labels())
-                try:
-                    await self.reset()
-                except Exception:
-                    log.exception("modem hardware reset failed", modem=self.name)
-            await asyncio.sleep(backoff.next())
+            if reset_by == "command":
+                self._count_reset("command", reason)
+                await self._run_reset_hook()
+            delay = backoff.next()
+            if reset_by is not None:
+                delay = max(delay, self.reset_boot_s)
+                log.warning(
+                    "modem reset; waiting for it to boot",
+                    modem=self.name,
+                    by=reset_by,
+                    reopen_in_s=round(delay, 1),
+                )
+            else:
+                log.warning("modem not ready; reopening", modem=self.name, reason=reason)
+            await asyncio.sleep(delay)
+
+    def _next_reset(self) -> str | None:
+        """How to reset after one more session that ended with the module
+        silent: nothing the first time (the reopen is the remedy), then the
+        configured ways in turn."""
+        self._hung_sessions += 1
+        usable = {"at": self.soft_reset, "command": self.reset is not None}
+        ways = [w for w in self.reset_order if usable.get(w)]
+        if self._hung_sessions < 2 or not ways:
+            return None
+        return ways[(self._hung_sessions - 2) % len(ways)]
+
+    def _count_reset(self, how: str, reason: str) -> None:
+        self.metrics.inc("gateway_modem_resets_total", how=how, **self._labels())
+        log.warning(
+            "module still silent after a reopen; resetting it",
+            modem=self.name,
+            by="AT+CFUN=1,1" if how == "at" else "reset command",
+            silent_sessions=self._hung_sessions,
+            reason=reason,
+        )
+
+    async def _run_reset_hook(self) -> None:
+        assert self.reset is not None
+        try:
+            await self.reset()
+        except Exception as exc:
+            self.metrics.inc("gateway_modem_reset_failures_total", **self._labels())
+            log.error("modem reset command failed", modem=self.name, error=str(exc) or repr(exc))
 
     def _end_session(self, reason: str) -> None:
         self._protocol = None
@@ -831,6 +891,7 @@ class Modem:
         await self._initialise()
         self._set_ready(True)
         backoff.reset()
+        self._hung_sessions = 0
         log.info(
             "modem ready",
             modem=self.name,
@@ -1432,6 +1493,46 @@ class Modem:
             pass
 
 
+def reset_command(argv: Sequence[str], *, timeout_s: float = 30.0) -> Callable[[], Awaitable[None]]:
+    """A reset hook for ``Modem(reset=...)`` that runs a village's program (a
+    script toggling the module's RESET_N GPIO or its power).  The hook raises
+    when the program cannot start, runs past ``timeout_s`` (it is killed) or
+    exits non-zero; the driver logs and counts that and carries on."""
+    args = tuple(argv)
+    if not args:
+        raise ValueError("reset command is empty")
+
+    async def run() -> None:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *args,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except OSError as exc:
+            raise ModemError(f"{args[0]}: cannot start: {exc.strerror or exc}") from exc
+        try:
+            async with asyncio.timeout(timeout_s):
+                _, err = await proc.communicate()
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            # A script stuck on a GPIO must not linger behind the gateway.
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise ModemError(f"{args[0]}: still running after {timeout_s:g} s; killed") from None
+        if proc.returncode != 0:
+            tail = err.decode(errors="replace").strip()[-200:]
+            raise ModemError(
+                f"{args[0]}: exit status {proc.returncode}" + (f": {tail}" if tail else "")
+            )
+        log.info("modem reset command done", command=args[0])
+
+    return run
+
+
 def _dtmf_digit(text: str) -> str | None:
     value = text.split(":", 1)[1].strip().split(",")[0].strip().strip('"')
     if text.startswith("+QTONEDET:") and value.isdigit() and int(value) >= 32:
@@ -1493,11 +1594,20 @@ class SmsChannel:
         await self.modem.send_sms(message.phone, self.render(message))
 
 
+OnCallOutcome = Callable[[Outgoing, CallOutcome, Delivery], Any]
+
+
 class VoiceChannel:
     """Notify by ringing the person's phone.  ``send`` returns once the module
-    dials; the call's outcome goes to ``on_outcome(message, outcome)`` (the
-    runtime turns an accept digit into an answer).  Kinds that are not calls
-    are refused, so the desk falls through to the person's next channel."""
+    dials, with a task that gives the call's ``Delivery``; the outcome also
+    goes to ``on_outcome(message, outcome, delivery)`` (the runtime turns an
+    acceptance into an answer).  Kinds that are not calls are refused, so the
+    desk falls through to the person's next channel.
+
+    Answered is not accepted: pressing ``accept_digit`` during the call
+    accepts; a call picked up without it only "reached" the person, unless
+    ``answered_call_accepts`` (for a village whose module cannot hear keys
+    and who decided that picking up means "I am coming")."""
 
     name = "voice"
 
@@ -1507,17 +1617,19 @@ class VoiceChannel:
         *,
         ring_s: float = 30.0,
         accept_digit: str | None = "1",
+        answered_call_accepts: bool = False,
         kinds: frozenset[str] = ANSWER_KINDS,
-        on_outcome: Callable[[Outgoing, CallOutcome], Any] | None = None,
+        on_outcome: OnCallOutcome | None = None,
     ) -> None:
         self.modem = modem
         self.ring_s = ring_s
         self.accept_digit = accept_digit
+        self.answered_call_accepts = answered_call_accepts
         self.kinds = kinds
         self.on_outcome = on_outcome
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Delivery]] = set()
 
-    async def send(self, message: Outgoing) -> None:
+    async def send(self, message: Outgoing) -> asyncio.Task[Delivery]:
         if message.kind not in self.kinds:
             raise ChannelError(f"voice carries calls only, not {message.kind!r}")
         call = await self.modem.start_call(
@@ -1526,14 +1638,37 @@ class VoiceChannel:
         task = asyncio.create_task(self._report(message, call))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
-    async def _report(self, message: Outgoing, call: asyncio.Task[CallOutcome]) -> None:
-        outcome = await call
-        if self.on_outcome is None:
-            return
+    def verdict(self, outcome: CallOutcome) -> Delivery:
+        """What the call did for the case: accepted, reached, or why not."""
+        if not outcome.answered:
+            return Delivery(outcome.result.value, reached=False, detail=outcome.detail)
+        if outcome.accepted:
+            return Delivery("accepted", True, True, f"pressed {self.accept_digit} during the call")
+        if self.answered_call_accepts:
+            return Delivery(
+                "accepted", True, True, "picked up the call; this village counts that as accepting"
+            )
+        keys = f", pressed {outcome.digits}" if outcome.digits else ""
+        return Delivery(
+            "reached",
+            True,
+            False,
+            f"picked up ({outcome.connected_s:.0f} s{keys}); acceptance comes by SMS or app",
+        )
+
+    async def _report(self, message: Outgoing, call: asyncio.Task[CallOutcome]) -> Delivery:
         try:
-            result = self.on_outcome(message, outcome)
-            if inspect.isawaitable(result):
-                await result
-        except Exception:
-            log.exception("call outcome handler failed", person=message.person_id)
+            outcome = await call
+        except Exception as exc:  # the follower itself failed: the call is lost
+            outcome = CallOutcome(CallResult.FAILED, detail=repr(exc))
+        delivery = self.verdict(outcome)
+        if self.on_outcome is not None:
+            try:
+                result = self.on_outcome(message, outcome, delivery)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("call outcome handler failed", person=message.person_id)
+        return delivery

@@ -1,9 +1,10 @@
 """Issue 4 end to end, with the daemon, a modem simulator and a caller:
 
 green press; the first person's phone rings and gets a text and nobody answers;
-the call goes to the second person, who accepts by SMS reply; the caller shows
-"help is coming"; the second person resolves it from the app; the resident
-presses thumbs up; the case holds the whole story in order.
+once the phone has rung out (before the step's timeout) the call goes to the
+second person, who accepts by SMS reply; the caller shows "help is coming"; the
+second person resolves it from the app; the resident presses thumbs up; the
+case holds the whole story in order, the unanswered call included.
 """
 
 from __future__ import annotations
@@ -120,6 +121,9 @@ async def test_ring_escalate_sms_accept_app_resolve_thumbs_up(
         daemon = Daemon(cfg)
         daemon_factory.append(daemon)
         await asyncio.to_thread(daemon.wait_for, "gateway ready")
+        # The gateway does not wait for the modem to be ready; the press must,
+        # or a's call and text fail at once and the story is another one.
+        await asyncio.to_thread(daemon.wait_for, "modem ready")
 
         states: list[CallerState] = []
         bus = SerialBus(str(pty_pair.device_port))
@@ -167,18 +171,23 @@ async def test_ring_escalate_sms_accept_app_resolve_thumbs_up(
     assert data["ratings"] == ["up"]
     steps = [(s["what"], s["why"]) for s in data["story"]]
     whats = [w for w, _ in steps]
-    # In order: opened and a called (rung and texted), then b texted, b accepts by
-    # SMS, b resolves from the app, the rating.
+    # In order: opened and a called (rung and texted), a's phone rang out, the
+    # desk moved on at once, then b texted, b accepts by SMS, b resolves from
+    # the app, the rating.
     order = [
         next(i for i, w in enumerate(whats) if w.endswith("-> opened")),
-        next(i for i, w in enumerate(whats) if w == "call to 甲书记 by voice"),
+        steps.index(("call to 甲书记 by voice", "sent")),
         next(i for i, w in enumerate(whats) if w == "call to 甲书记 by sms"),
+        steps.index(("call to 甲书记 by voice", "no_answer")),
+        steps.index(("notifying -> notifying", "unreachable")),
         next(i for i, w in enumerate(whats) if w == "call to 乙副书记 by sms"),
         next(i for i, w in enumerate(whats) if w.endswith("-> accepted")),
         next(i for i, w in enumerate(whats) if w.endswith("-> resolved")),
     ]
     assert order == sorted(order), steps
     assert any("rat" in why for _w, why in steps), steps
+    unreachable = data["story"][steps.index(("notifying -> notifying", "unreachable"))]
+    assert "甲书记 via voice: no_answer" in unreachable["detail"], unreachable
     # The modem really rang a and texted both.
     records = [json.loads(line) for line in sim_out.splitlines() if line.startswith("{")]
     assert any(r.get("number") == A_PHONE and "call" in json.dumps(r) for r in records), records

@@ -10,14 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.metrics import Metrics
-from gateway.notify import ChannelError, Outgoing
-from gateway.notify.modem import CallResult, Modem, SmsChannel, VoiceChannel, parse_reply
+from gateway.notify import ChannelError, Delivery, Outgoing
+from gateway.notify.modem import (
+    CallResult,
+    Modem,
+    SmsChannel,
+    VoiceChannel,
+    parse_reply,
+    reset_command,
+)
 from simulators.modem import ModemSim, Phone, Scenario
 
 from ..conftest import PtyPair
@@ -50,6 +59,7 @@ FAST: dict[str, Any] = {
     "poll_interval_s": 0.2,
     "min_connected_s": 1.0,
     "answer_window_s": 3.0,
+    "reset_boot_s": 0.3,
 }
 
 
@@ -245,16 +255,44 @@ async def test_voice_channel_reports_outcome_and_refuses_when_busy(pty_pair: Pty
     outcomes: list[Any] = []
     message = Outgoing("p1", "王书记", ALICE, None, "1017-5", "call", "呼叫")
     async with rig(pty_pair) as (modem, _sim):
-        channel = VoiceChannel(modem, ring_s=5, on_outcome=lambda m, o: outcomes.append((m, o)))
-        await channel.send(message)
+        channel = VoiceChannel(
+            modem, ring_s=5, on_outcome=lambda m, o, d: outcomes.append((m, o, d))
+        )
+        call = await channel.send(message)
         assert modem.in_call
         # One line, one call: the next person falls through to another channel.
         with pytest.raises(ChannelError, match="another call"):
             await channel.send(message)
         with pytest.raises(ChannelError, match="calls only"):
             await channel.send(Outgoing("p1", "王书记", ALICE, None, "1017-5", "taken", "已接"))
-        await wait_until(lambda: outcomes, timeout=10, what="the call outcome")
+        delivery = await asyncio.wait_for(call, 10)
     assert outcomes[0][1].accepted
+    assert outcomes[0][2] == delivery
+    assert delivery == Delivery("accepted", True, True, "pressed 1 during the call")
+
+
+@pytest.mark.parametrize("answered_call_accepts", [False, True])
+async def test_picked_up_call_without_the_key(pty_pair: PtyPair, answered_call_accepts: bool):
+    """Answered is not accepted, unless the village decided that it is."""
+    message = Outgoing("p1", "王书记", ERIN, None, "1017-5", "call", "呼叫")
+    async with rig(pty_pair, scenario(dtmf=None)) as (modem, _sim):
+        channel = VoiceChannel(modem, ring_s=5, answered_call_accepts=answered_call_accepts)
+        delivery = await asyncio.wait_for(await channel.send(message), 10)
+    assert delivery.reached
+    assert delivery.accepted is answered_call_accepts
+    assert delivery.outcome == ("accepted" if answered_call_accepts else "reached")
+
+
+@pytest.mark.parametrize(
+    ("number", "outcome"),
+    [(BOB, "busy"), (CAROL, "no_answer"), (DAVE, "rejected")],
+)
+async def test_unanswered_calls_are_not_reached(pty_pair: PtyPair, number: str, outcome: str):
+    message = Outgoing("p1", "王书记", number, None, "1017-5", "call", "呼叫")
+    async with rig(pty_pair) as (modem, _sim):
+        channel = VoiceChannel(modem, ring_s=1.5, answered_call_accepts=True)
+        delivery = await asyncio.wait_for(await channel.send(message), 10)
+    assert (delivery.outcome, delivery.reached, delivery.accepted) == (outcome, False, False)
 
 
 async def test_incoming_call_is_rejected(pty_pair: PtyPair):
@@ -366,11 +404,100 @@ async def test_hung_module_is_reset_by_the_hook(pty_pair: PtyPair):
 
     async with rig(pty_pair, reset=reset) as (modem, sim):
         sim_ref.append(sim)
-        sim.hang()
-        await wait_until(lambda: resets, timeout=8, what="the reset hook")
+        sim.hang(cleared_by="power")  # AT+CFUN=1,1 does not get through
+        await wait_until(lambda: resets, timeout=10, what="the reset hook")
         await wait_until(lambda: modem.ready, timeout=10, what="the module after reset")
         await modem.send_sms(ALICE, "重启后")
+        # Reopened first, then AT+CFUN=1,1 (which this hang ignores), then the hook.
+        assert modem.metrics.get("gateway_modem_resets_total", modem="modem", how="at") == 1
+        assert modem.metrics.get("gateway_modem_resets_total", modem="modem", how="command") == 1
+        assert sim.reboots == ["power"]
     assert sim.sms_sent[-1].text == "重启后"
+
+
+async def test_hung_module_is_woken_by_cfun_after_a_reopen_fails(pty_pair: PtyPair):
+    """Hang; the reopen does not help; AT+CFUN=1,1 reboots it; SIM busy for a
+    while after the boot; then ready, and the SMS goes out."""
+    async with rig(pty_pair, scenario(sim_busy_s=0.8)) as (modem, sim):
+        await asyncio.sleep(0.8)  # past the SIM-busy time of the first boot
+        sim.commands.clear()
+        sim.hang(cleared_by="cfun")
+        await wait_until(lambda: not modem.ready, timeout=5, what="the hang to be noticed")
+        await wait_until(lambda: sim.reboots, timeout=10, what="the module to be reset")
+        # The reset came only after a reopen found the module still silent.
+        assert modem.metrics.get("gateway_modem_sessions_total") >= 2
+        before_reset = sim.commands[: sim.commands.index("AT+CFUN=1,1")]
+        assert before_reset.count("AT") >= 2  # the reopened session's probes
+        assert sim.reboots == ["cfun"]
+        await wait_until(lambda: modem.ready, timeout=10, what="the module after the reset")
+        after_reset = sim.commands[sim.commands.index("AT+CFUN=1,1") :]
+        assert after_reset.count("AT+CPIN?") >= 2  # SIM busy after the boot, retried
+        assert modem.metrics.get("gateway_modem_resets_total", modem="modem", how="at") == 1
+        await modem.send_sms(ALICE, "重启后")
+    assert sim.sms_sent[-1].text == "重启后"
+
+
+async def test_reset_is_off_when_the_village_says_so(pty_pair: PtyPair):
+    async with rig(pty_pair, soft_reset=False) as (modem, sim):
+        sim.hang(cleared_by="cfun")
+        await wait_until(
+            lambda: modem.metrics.get("gateway_modem_sessions_total") >= 4,
+            timeout=15,
+            what="several reopens",
+        )
+        assert "AT+CFUN=1,1" not in sim.commands
+        assert modem.metrics.get("gateway_modem_resets_total") == 0
+        assert not modem.ready
+
+
+def _script(tmp_path: Path, body: str) -> list[str]:
+    path = tmp_path / "modem-reset.py"
+    path.write_text(body)
+    return [sys.executable, str(path)]
+
+
+async def test_reset_command_pulls_the_reset_pin(pty_pair: PtyPair, tmp_path: Path):
+    """The village's reset program (here: touching the simulator's RESET_N file)."""
+    pin = tmp_path / "reset-pin"
+    hook = reset_command(
+        _script(tmp_path, f"import pathlib; pathlib.Path({str(pin)!r}).touch()\n"), timeout_s=10
+    )
+    sc = scenario(reset_file=str(pin))
+    async with rig(pty_pair, sc, soft_reset=False, reset=hook) as (modem, sim):
+        sim.hang(cleared_by="power")
+        await wait_until(lambda: sim.reboots, timeout=10, what="the reset command")
+        assert sim.reboots == ["reset_pin"]
+        await wait_until(lambda: modem.ready, timeout=10, what="the module after reset")
+        await modem.send_sms(ALICE, "重启后")
+        assert modem.metrics.get("gateway_modem_resets_total", modem="modem", how="command") == 1
+        assert modem.metrics.get("gateway_modem_reset_failures_total") == 0
+    assert sim.sms_sent[-1].text == "重启后"
+
+
+async def test_failing_reset_command_is_logged_counted_and_survived(
+    pty_pair: PtyPair, tmp_path: Path
+):
+    hook = reset_command(_script(tmp_path, "import sys; sys.exit('no GPIO here')\n"))
+    async with rig(pty_pair, soft_reset=False, reset=hook) as (modem, sim):
+        sim.hang(cleared_by="power")
+        await wait_until(
+            lambda: modem.metrics.get("gateway_modem_reset_failures_total") >= 1,
+            timeout=10,
+            what="the failed reset",
+        )
+        sim.unhang()  # the driver carries on reopening
+        await wait_until(lambda: modem.ready, timeout=10, what="ready again")
+
+
+async def test_reset_command_errors_say_why(tmp_path: Path):
+    with pytest.raises(Exception, match="exit status 3: stuck"):
+        await reset_command(
+            _script(tmp_path, "import sys; sys.stderr.write('stuck'); sys.exit(3)\n")
+        )()
+    with pytest.raises(Exception, match="killed"):
+        await reset_command(_script(tmp_path, "import time; time.sleep(30)\n"), timeout_s=0.3)()
+    with pytest.raises(Exception, match="cannot start"):
+        await reset_command([str(tmp_path / "missing")])()
 
 
 async def test_module_restarting_by_itself_is_reinitialised(pty_pair: PtyPair):

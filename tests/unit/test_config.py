@@ -97,3 +97,56 @@ def test_unreadable_files(tmp_path, content, expected):
         path.write_text(content)
     with pytest.raises(ConfigError, match=expected):
         load_residents(path)
+
+
+MODEM = MINIMAL + '[modem]\nport = "/dev/ttyUSB2"\n'
+
+
+def test_modem_defaults_reset_by_at_and_answered_is_not_accepted(tmp_path):
+    modem = load(_write(tmp_path, MODEM)).gateway.modem
+    assert modem is not None
+    assert modem.reset == ["at"]
+    assert modem.reset_command is None
+    assert modem.answered_call_accepts is False
+
+
+def test_modem_reset_command_and_answered_call_accepts(tmp_path):
+    text = (
+        MODEM + 'reset = ["at", "command"]\nreset_command = ["/usr/local/bin/modem-reset", "-h"]\n'
+        "reset_boot_s = 30\nanswered_call_accepts = true\n"
+    )
+    modem = load(_write(tmp_path, text)).gateway.modem
+    assert modem is not None
+    assert modem.reset == ["at", "command"]
+    assert modem.reset_command == ["/usr/local/bin/modem-reset", "-h"]
+    assert modem.reset_boot_s == 30
+    assert modem.answered_call_accepts is True
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        ('reset = ["at", "reboot"]', "modem.reset[1]: Input should be 'at' or 'command'"),
+        ('reset = ["at", "at"]', "modem.reset: lists ['at'] more than once"),
+        ('reset = "at"', "modem.reset: Input should be a valid list"),
+        (
+            'reset = ["command"]',
+            'modem.reset_command: reset includes "command" but no program is given',
+        ),
+        (
+            'reset_command = ["/usr/local/bin/modem-reset"]',
+            "modem.reset_command: is set but reset = ['at'] does not include \"command\"",
+        ),
+        (
+            'reset = ["command"]\nreset_command = ["modem-reset"]',
+            "modem.reset_command: the program 'modem-reset' must be an absolute path",
+        ),
+        ('reset = ["command"]\nreset_command = []', "modem.reset_command: must name a program"),
+        ("reset_command_timeout_s = 0", "modem.reset_command_timeout_s: Input should be greater"),
+        ('answered_call_accepts = "maybe"', "modem.answered_call_accepts: Input should be a"),
+    ],
+)
+def test_modem_reset_errors_name_the_field(tmp_path, lines, expected):
+    with pytest.raises(ConfigError) as err:
+        load(_write(tmp_path, MODEM + lines + "\n"))
+    assert any(expected in p for p in err.value.problems), err.value.problems
