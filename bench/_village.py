@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,6 +98,7 @@ class Running:
     prefix: str = "onetouch/bench"
     counters: MemoryCounters = field(default_factory=MemoryCounters)
     broker_pid: int = 0
+    started_at: float = 0.0  # time.monotonic() just before the daemon was started
 
     @property
     def db(self) -> Path:
@@ -124,7 +125,18 @@ def _find(name: str) -> str:
 
 
 @contextlib.contextmanager
-def village(callers: int) -> Iterator[Running]:
+def village(
+    callers: int,
+    *,
+    prepare: Callable[[Path], None] | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[Running]:
+    """A private broker, a pty bus and the daemon on them, with ``callers`` registered.
+
+    ``prepare(workdir)`` runs once the configuration is written and before the
+    daemon starts (to put a database in place); ``env`` is added to the
+    daemon's environment.
+    """
     with tempfile.TemporaryDirectory(prefix="onetouch-bench-") as tmp:
         work = Path(tmp)
         port = free_port()
@@ -167,19 +179,25 @@ def village(callers: int) -> Iterator[Running]:
                 if time.monotonic() > deadline:
                     raise SystemExit("socat did not start")
                 time.sleep(0.02)
+            if prepare is not None:
+                prepare(work)
             log = (work / "gateway.log").open("wb")
+            started = time.monotonic()
             gateway = subprocess.Popen(
                 [sys.executable, "-m", "gateway", "run", "--config", str(work / "gateway.toml")],
                 cwd=REPO,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
             )
             procs.append(gateway)
             # At level warning the ready line is not logged; the database and the
             # broker session tell us instead.
             _wait_ready(work, gateway, port)
             try:
-                yield Running(work, port, bus_tty, gateway, keys, broker_pid=procs[0].pid)
+                yield Running(
+                    work, port, bus_tty, gateway, keys, broker_pid=procs[0].pid, started_at=started
+                )
             except BaseException:
                 # Keep the evidence: the temporary folder goes with this block.
                 kept = REPO / "bench" / "results" / "failed-gateway.log"
