@@ -4,7 +4,7 @@
 #
 #   bash dev.sh demo    install, then run a simulated village (Ctrl-C stops it)
 #   bash dev.sh test    install, then run the lint and the whole test suite
-#   bash dev.sh bench   install, then run the benchmarks (minutes; not part of the tests)
+#   bash dev.sh bench   install, then run the benchmarks (over an hour; --quick: minutes)
 #   bash dev.sh install install only
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -63,8 +63,12 @@ case "${1:-}" in
         install
         shift
         say "benchmarks: figures in bench/results/, see bench/README.md"
-        .venv/bin/python -m bench.press_latency "$@"
-        exec .venv/bin/python -m bench.sync_drain
+        # With --quick each one is small (a few minutes in all); without it,
+        # the README's figures, the memory soak's hour included.
+        for bench in press_latency press_notify intake startup sync_drain memory; do
+            say "bench.$bench"
+            .venv/bin/python -m "bench.$bench" "$@"
+        done
         ;;
     test)
         install gcc postgresql  # gcc: the C reference code in SPEC.md; postgresql: sync tests

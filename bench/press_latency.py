@@ -18,16 +18,11 @@ import statistics
 from firmware_protocol import Key
 from simulators.caller import MqttBus, SerialBus, SimCaller
 
-from ._village import Running, report, village
+from ._village import Running, pct, report, village
 
 STEADY_RATE = 50.0  # presses per second
 STEADY_PRESSES = 300
 BURST = 200
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def _measure(run: Running, transport: str, mode: str, seed: int) -> list[float]:
@@ -71,7 +66,7 @@ async def _bench(run: Running, runs: int, callers: int) -> list[dict[str, object
             for i in range(runs):
                 lat = await _measure(run, transport, mode, seed=i * 7919 + callers)
                 medians.append(statistics.median(lat))
-                p99s.append(_pct(lat, 0.99))
+                p99s.append(pct(lat, 0.99))
             rows.append(
                 {
                     "callers": callers,
@@ -92,7 +87,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--callers", default="100,1000,10000")
+    parser.add_argument("--quick", action="store_true", help="1,000 callers, one run")
     args = parser.parse_args()
+    if args.quick:
+        args.runs, args.callers = 1, "1000"
     rows: list[dict[str, object]] = []
     for n in (int(x) for x in args.callers.split(",")):
         with village(n) as run:

@@ -149,7 +149,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--batch-sizes", default="500")
+    parser.add_argument("--quick", action="store_true", help="10,000 records, one run")
     args = parser.parse_args()
+    if args.quick:
+        args.runs, args.records = 1, 10_000
     import logging
 
     import structlog
