@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import statistics
 import subprocess
 import sys
@@ -27,6 +28,13 @@ from typing import Any
 
 from ._village import REPO, Running, report, village
 from .intake import _Load
+
+# Set by SIGINT or SIGTERM: the soak ends early and reports the time it did run.
+_stop: list[int] = []
+
+
+def _stop_soak(signum: int, _frame: object) -> None:
+    _stop.append(signum)
 
 
 def _slope_mb_per_h(samples: list[tuple[float, float]]) -> float:
@@ -67,7 +75,7 @@ async def _soak(run: Running, rate: float, seconds: float, every: float) -> dict
             start = time.monotonic()
             cpu0 = run.cpu_seconds()
             sent0 = load.sent
-            while (elapsed := time.monotonic() - start) < seconds:
+            while (elapsed := time.monotonic() - start) < seconds and not _stop:
                 await load.step(rate, min(every, seconds - elapsed))
                 samples.append((time.monotonic() - start, run.rss_mb()))
                 if len(samples) % max(1, int(300 / every)) == 0:
@@ -124,6 +132,8 @@ def main() -> None:
     extra: dict[str, object] = {"what": "VmRSS of the daemon, MB (2^20 bytes)"}
     if not args.no_soak:
         print(f"soak: {args.soak_s:.0f} s at {args.soak_rate:.0f} events/s", flush=True)
+        signal.signal(signal.SIGINT, _stop_soak)
+        signal.signal(signal.SIGTERM, _stop_soak)
         with village(args.callers) as run:
             soak = asyncio.run(_soak(run, args.soak_rate, args.soak_s, args.every))
         extra["soak_series"] = soak.pop("series")

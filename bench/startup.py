@@ -6,8 +6,10 @@
 The database is seeded once through the gateway's own code: green presses
 from distinct callers go through the real call desk, whose decisions (cases,
 district records, desk events) are written with the press in one
-transaction, as the intake does; nine cases in ten are then accepted, the
-person arrives and resolves it, again through the desk.  Heartbeats fill the
+transaction, as the intake does; the cases span ``--days`` up to now, and
+all but one in a hundred are accepted, reached and resolved within minutes,
+again through the desk.  (``--days 1`` puts every case inside the rating
+window, which the daemon loads whole at start: a worst case.)  Heartbeats fill the
 journal up to ``--records`` rows across events, cases and the outbox.  Every
 run starts the daemon on a fresh copy, with NOTIFY_SOCKET pointing at a Unix
 datagram socket this process binds, the way systemd does, and times from just
@@ -38,7 +40,9 @@ from ._village import report, village
 CHUNK = 2000
 
 
-async def _seed(config: Path, db_path: Path, records: int, callers: list[int]) -> dict[str, int]:
+async def _seed(
+    config: Path, db_path: Path, records: int, callers: list[int], days: float
+) -> dict[str, int]:
     loaded = load(config)
     desk = Desk(loaded.village)
     store = await Store.open(db_path)
@@ -52,27 +56,30 @@ async def _seed(config: Path, db_path: Path, records: int, callers: list[int]) -
             rows, writes = [], DeskWrites(at=now)
             cases = {}
             for device_id in presses[first : first + CHUNK]:
-                event = KeyPressed(device_id, 1, "mqtt", now, True, Key.CALL)
+                # Spread over the last ``days``, oldest first, as a journal fills.
+                at = now - days * 86400 * (1 - (first + len(rows)) / len(presses))
+                event = KeyPressed(device_id, 1, "mqtt", at, True, Key.CALL)
                 rows.append((event, hashlib.sha256(b"%d" % device_id).digest()[:8]))
-                for action in desk.handle(event, now):
+                for action in desk.handle(event, at):
                     if isinstance(action, PersistCase):
                         cases[action.case.id] = action.case
                     elif isinstance(action, RecordForDistrict):
                         writes.outbox.append(("case", action.payload.get("id"), action.payload))
             writes.cases = list(cases.values())
-            opened += [(c.id, c.current) for c in writes.cases]
+            opened += [(c.id, c.current, c.opened_at) for c in writes.cases]
             await store.append(rows, desk=writes)
-        # Nine in ten are answered and resolved, as most calls are.
-        answered = [c for i, c in enumerate(opened) if i % 10 and c[1] is not None]
+        # All but one in a hundred are accepted and resolved within minutes.
+        answered = [c for i, c in enumerate(opened) if i % 100 and c[1] is not None]
         for first in range(0, len(answered), CHUNK):
-            writes = DeskWrites(at=now + 60)
+            writes = DeskWrites(at=now)
             cases = {}
-            for case_id, person in answered[first : first + CHUNK]:
+            for case_id, person, opened_at in answered[first : first + CHUNK]:
                 assert person is not None
-                for step, answer in enumerate(("accept", "arrived", "resolved")):
-                    event = PersonAnswered(person, case_id, answer, "", now + 60 * step)
+                for step, answer in enumerate(("accept", "arrived", "resolved"), 1):
+                    at = opened_at + 300 * step
+                    event = PersonAnswered(person, case_id, answer, "", at)
                     writes.desk_events.append(("answer", case_id, {"answer": answer}))
-                    for action in desk.handle(event, now + 60 * step):
+                    for action in desk.handle(event, at):
                         if isinstance(action, PersistCase):
                             cases[action.case.id] = action.case
                         elif isinstance(action, RecordForDistrict):
@@ -149,6 +156,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--callers", type=int, default=10_000)
+    parser.add_argument(
+        "--days", type=float, default=90, help="the cases span this many days up to now"
+    )
     parser.add_argument("--quick", action="store_true", help="one run")
     args = parser.parse_args()
     if args.quick:
@@ -162,7 +172,9 @@ def main() -> None:
             shutil.copytree(run.workdir, config_dir, ignore=shutil.ignore_patterns("tty*", "*.db*"))
             callers = sorted(run.keys)
         built = time.perf_counter()
-        counts = asyncio.run(_seed(config_dir / "gateway.toml", seed, args.records, callers))
+        counts = asyncio.run(
+            _seed(config_dir / "gateway.toml", seed, args.records, callers, args.days)
+        )
         print(f"seeded {counts} in {time.perf_counter() - built:.1f} s", flush=True)
         full: list[float] = []
         empty: list[float] = []
@@ -177,6 +189,7 @@ def main() -> None:
             "events": counts["events"],
             "cases": counts["cases"],
             "open_cases": counts["open_cases"],
+            "days": args.days,
             "outbox": counts["outbox"],
             "callers": args.callers,
             "db_mb": round(seed.stat().st_size / 2**20, 1),
