@@ -1,4 +1,5 @@
-"""Regenerates frames.txt, mqtt_answers.jsonl, at_responses.txt and sms_pdus.txt.
+"""Regenerates frames.txt, mqtt_answers.jsonl, at_responses.txt, sms_pdus.txt and
+the district's downlink: sync_acks.jsonl, config_pushes.jsonl, sync_batches.jsonl.
 
     .venv/bin/python -m tests.faults.corpus.make_corpus
 
@@ -29,7 +30,12 @@ from firmware_protocol import (
 from gateway.notify.app import sign_answer
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[2]
 KEY = bytes(range(16))
+# The district seeds are for this village and this gateway database.
+VILLAGE = "fuzzvillage"
+STORE = "0123456789abcdef0123456789abcdef"
+REFUSED = "# refused: every line below must be rejected by the model"
 
 
 def frames() -> list[str]:
@@ -143,11 +149,108 @@ def sms_pdus() -> list[str]:
     ]
 
 
+def acks() -> list[str]:
+    ok = [
+        {"v": 1, "village": VILLAGE, "store": STORE, "batch": "1-3", "ids": [1, 2, 3],
+         "committed_at": 1.7e9},
+        {"v": 1, "village": VILLAGE, "store": STORE, "batch": "4-4", "ids": [4],
+         "committed_at": 1.7e9, "newer_field": "ignored"},
+        {"v": 1, "village": VILLAGE, "store": STORE, "batch": "5-5", "ids": [],
+         "committed_at": 0},
+    ]  # fmt: skip
+    head = f'"v":1,"village":"{VILLAGE}","store":"{STORE}","batch":"1-1"'
+    bad = [
+        "", "{}", "[]", "null", "1e999", '"ack"', "{\"v\": 2}",
+        "{" + head + ',"ids":[1],"committed_at":NaN}',
+        "{" + head + ',"ids":[1],"committed_at":1e999}',
+        "{" + head + ',"ids":[18446744073709551616],"committed_at":1}',
+        "{" + head + ',"ids":[0],"committed_at":1}',
+        "{" + head + ',"ids":[-1],"committed_at":1}',
+        "{" + head + ',"ids":"1-1","committed_at":1}',
+        "{" + head + ',"ids":[1.5],"committed_at":1}',
+        '{"v":1,"village":"NOT A VILLAGE","store":"' + STORE + '","batch":"1","ids":[1],'
+        '"committed_at":1}',
+        '{"v":1,"village":"' + VILLAGE + '","store":"xyz","batch":"1","ids":[1],"committed_at":1}',
+        "{" + head + ',"ids":[1],"committed_at":1',
+        "\u00ff\u00fe" + "{" + head + "}",
+    ]  # fmt: skip
+    return [json.dumps(a) for a in ok] + [REFUSED] + bad
+
+
+def pushes() -> list[str]:
+    roster = (REPO / "config" / "roster.toml").read_text(encoding="utf-8")
+    people = (REPO / "config" / "people.toml").read_text(encoding="utf-8")
+    ok = [
+        {"v": 1, "village": VILLAGE, "version": 2, "push_id": "p-roster",
+         "files": {"roster.toml": roster}, "sent_at": 1.7e9},
+        {"v": 1, "village": VILLAGE, "version": 3, "push_id": "p-both",
+         "files": {"roster.toml": roster, "people.toml": people}},
+        # Valid messages the gateway refuses: another village's, files that do not load.
+        {"v": 1, "village": "othervillage", "version": 9, "push_id": "p-elsewhere",
+         "files": {"roster.toml": roster}},
+        {"v": 1, "village": VILLAGE, "version": 4, "push_id": "p-broken-toml",
+         "files": {"roster.toml": "timezone = \"Asia/Nowhere\"\n[[shift]\n"}},
+    ]  # fmt: skip
+    head = f'"v":1,"village":"{VILLAGE}"'
+    bad = [
+        "", "{}", "[]", "null", '"push"', "1e999", '{"v": 2}',
+        "{" + head + ',"version":1e999,"push_id":"p","files":{}}',
+        "{" + head + ',"version":"NaN","push_id":"p","files":{}}',
+        "{" + head + ',"version":99999999999999999999999,"push_id":"p","files":{}}',
+        "{" + head + ',"version":0,"push_id":"p","files":{"roster.toml":""}}',
+        "{" + head + ',"version":5,"push_id":"p","files":{}}',
+        "{" + head + ',"version":5,"push_id":"p","files":{"gateway.toml":"x"}}',
+        "{" + head + ',"version":5,"push_id":"p","files":{"../roster.toml":"x"}}',
+        "{" + head + ',"version":5,"push_id":"","files":{"roster.toml":"x"}}',
+        "{" + head + ',"version":5,"push_id":"' + "p" * 65 + '","files":{"roster.toml":"x"}}',
+        "{" + head + ',"version":5,"push_id":"p","files":{"roster.toml":1}}',
+        "{" + head + ',"version":5,"push_id":"p","files":{"roster.toml":"\\ud800"}}',
+        "{" + head + ',"version":5,"push_id":"p","files":["roster.toml"]}',
+        "{" + head + ',"version":5,"push_id":"p","files":{"roster.toml":"x"},"sent_at":NaN}',
+        "{" + head + ',"version":5,"push_id":{"a":1},"files":{"gateway.toml":"x"}}',
+        '{"v":1,"village":"Other Village","version":5,"push_id":"p","files":{"roster.toml":"x"}}',
+        "{" + head + ',"version":5,"push_id":"p","files":{"roster.toml":"x"}',
+    ]  # fmt: skip
+    return [json.dumps(p, ensure_ascii=False) for p in ok] + [REFUSED] + bad
+
+
+def batches() -> list[str]:
+    case = {"id": "1001-1", "device_id": 1001, "counter": 1, "state": "opened",
+            "opened_at": 1.7e9, "transitions": []}  # fmt: skip
+    record = {"id": 1, "kind": "case", "case_id": "1001-1", "created_at": 1.7e9,
+              "wall_trusted": True, "payload": case}  # fmt: skip
+    ok = [
+        {"v": 1, "village": VILLAGE, "store": STORE, "batch": "1-1", "sent_at": 1.7e9,
+         "records": [record]},
+        {"v": 1, "village": VILLAGE, "store": STORE, "batch": "2-3", "sent_at": 1.7e9,
+         "records": [{**record, "id": 2, "payload": {**case, "state": "notifying"}},
+                     {"id": 3, "kind": "general_feedback", "created_at": 1.7e9,
+                      "wall_trusted": False, "payload": {"device_id": 1002, "counter": 9}}]},
+    ]  # fmt: skip
+    head = f'"v":1,"village":"{VILLAGE}","store":"{STORE}","batch":"1-1","sent_at":1'
+    rec = '"kind":"case","case_id":"c","wall_trusted":true,"payload":{}'
+    bad = [
+        "", "{}", "[]", "null", '{"v": 2}',
+        "{" + head + ',"records":[]}',
+        "{" + head + ',"records":[{"id":18446744073709551616,"created_at":1,' + rec + "}]}",
+        "{" + head + ',"records":[{"id":9223372036854775808,"created_at":1,' + rec + "}]}",
+        "{" + head + ',"records":[{"id":0,"created_at":1,' + rec + "}]}",
+        "{" + head + ',"records":[{"id":1,"created_at":NaN,' + rec + "}]}",
+        "{" + head + ',"records":[{"id":1,"created_at":-1e999,' + rec + "}]}",
+        "{" + head + ',"records":[{"id":1,"created_at":1,"kind":"case","wall_trusted":true,'
+        '"payload":[]}]}',
+    ]  # fmt: skip
+    return [json.dumps(b) for b in ok] + [REFUSED] + bad
+
+
 def main() -> None:
     (HERE / "frames.txt").write_text("\n".join(frames()))
     (HERE / "mqtt_answers.jsonl").write_text("\n".join(answers()) + "\n")
     (HERE / "at_responses.txt").write_text("\n".join(at_lines()) + "\n")
     (HERE / "sms_pdus.txt").write_text("\n".join(sms_pdus()) + "\n")
+    (HERE / "sync_acks.jsonl").write_text("\n".join(acks()) + "\n", encoding="utf-8")
+    (HERE / "config_pushes.jsonl").write_text("\n".join(pushes()) + "\n", encoding="utf-8")
+    (HERE / "sync_batches.jsonl").write_text("\n".join(batches()) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
