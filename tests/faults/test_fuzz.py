@@ -598,7 +598,8 @@ def test_downlink_corpus_replays(config_set: _ConfigSet):
     asyncio.run(replay())
 
 
-@FUZZ
+# Random bytes rarely get past the JSON parser: fewer examples say as much.
+@settings(FUZZ, max_examples=200)
 @given(st.sampled_from(["ack", "push"]), st.one_of(st.binary(max_size=300), st.text(max_size=300)))
 def test_downlink_on_arbitrary_payloads(config_set: _ConfigSet, topic: str, payload):
     raw = payload.encode("utf-8", "surrogateescape") if isinstance(payload, str) else payload
