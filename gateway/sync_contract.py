@@ -8,6 +8,7 @@ version it does not know instead of guessing at its fields.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -57,6 +58,17 @@ class Record(_Msg):
     created_at: Instant
     wall_trusted: bool
     payload: dict[str, Any]
+
+    @field_validator("payload")
+    @classmethod
+    def _strict_json(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # Python's JSON reader takes NaN and Infinity, which no JSON column
+        # (PostgreSQL JSONB) accepts: refuse the record, not the database write.
+        try:
+            json.dumps(value, allow_nan=False)
+        except ValueError as exc:
+            raise ValueError(f"payload is not strict JSON: {exc}") from None
+        return value
 
 
 class Batch(_Msg):

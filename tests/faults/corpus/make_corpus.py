@@ -239,6 +239,10 @@ def batches() -> list[str]:
         "{" + head + ',"records":[{"id":1,"created_at":-1e999,' + rec + "}]}",
         "{" + head + ',"records":[{"id":1,"created_at":1,"kind":"case","wall_trusted":true,'
         '"payload":[]}]}',
+        "{" + head + ',"records":[{"id":1,"created_at":1,"kind":"case","wall_trusted":true,'
+        '"payload":{"state":"opened","times":[1,NaN]}}]}',
+        "{" + head + ',"records":[{"id":1,"created_at":1,"kind":"case","wall_trusted":true,'
+        '"payload":{"a":{"b":Infinity}}}]}',
     ]  # fmt: skip
     return [json.dumps(b) for b in ok] + [REFUSED] + bad
 
