@@ -54,8 +54,8 @@ DRAIN_S = 30.0
 # -- the limit: plain SQLite -----------------------------------------------------------
 
 
-def _baseline(events: int, press_every: int | None) -> float:
-    """Events per second plain sqlite3 commits, BATCH events per transaction."""
+def _baseline(events: int, press_every: int | None, batch: int = BATCH) -> float:
+    """Events per second plain sqlite3 commits, ``batch`` events per transaction."""
     with tempfile.TemporaryDirectory(prefix="onetouch-sqlite-bench-") as tmp:
         db = sqlite3.connect(Path(tmp) / "plain.db", isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
@@ -66,10 +66,10 @@ def _baseline(events: int, press_every: int | None) -> float:
         mac = os.urandom(8)
         case = json.dumps(_case("1000000-1", 1_000_000, 1), separators=(",", ":"))
         start = time.perf_counter()
-        for first in range(0, events, BATCH):
+        for first in range(0, events, batch):
             now = time.time()
             beats, presses = [], []
-            for i in range(first, min(events, first + BATCH)):
+            for i in range(first, min(events, first + batch)):
                 device, counter = 1_000_000 + i % 10_000, 1 + i // 10_000
                 if press_every and i % press_every == 0:
                     presses.append((device, counter))
@@ -286,12 +286,20 @@ def main() -> None:
     rates = tuple(int(x) for x in args.rates.split(","))
     rows: list[dict[str, object]] = []
     steps_out: dict[str, list[list[dict[str, float]]]] = {}
+    small: dict[str, int] = {}
     for name, press_every in (("heartbeats", None), ("mixed", args.press_every)):
         limits, runs = [], []
         for i in range(args.runs):
             limits.append(_baseline(args.baseline_events, press_every))
             print(f"{name} run {i + 1}: plain SQLite, {BATCH} per commit: "
                   f"{limits[-1]:,.0f} events/s", flush=True)  # fmt: skip
+            if i == 0:
+                # Smaller groups, for scale: one event per commit is fsync-bound.
+                for batch in (1, 16):
+                    n = min(args.baseline_events, 400 * batch + 2000)
+                    small[f"{name}, {batch} per commit"] = round(_baseline(n, press_every, batch))
+                    print(f"  {batch} per commit: {small[f'{name}, {batch} per commit']:,} "
+                          "events/s", flush=True)  # fmt: skip
             with village(args.callers) as run:
                 runs.append(asyncio.run(_daemon(run, press_every, rates, args.step_s)))
         steps_out[name] = runs
@@ -307,6 +315,7 @@ def main() -> None:
             "load generator, which share the machine's cores",
             "callers": args.callers,
             "step_s": args.step_s,
+            "sqlite_smaller_groups_events_per_s": small,
             "steps": steps_out,
         },
     )
