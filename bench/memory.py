@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument("--soak-rate", type=float, default=200)
     parser.add_argument("--every", type=float, default=10)
     parser.add_argument("--no-soak", action="store_true")
+    parser.add_argument("--name", default="memory", help="results file name")
     parser.add_argument("--quick", action="store_true", help="one run, 10 s of load, no soak")
     args = parser.parse_args()
     if args.quick:
@@ -142,7 +143,7 @@ def main() -> None:
             soak = asyncio.run(_soak(run, args.soak_rate, args.soak_s, args.every))
         extra["soak_series"] = soak.pop("series")
         row.update(soak)
-    report("memory", [row], extra)
+    report(args.name, [row], extra)
 
 
 if __name__ == "__main__":

@@ -159,6 +159,7 @@ def main() -> None:
     parser.add_argument(
         "--days", type=float, default=90, help="the cases span this many days up to now"
     )
+    parser.add_argument("--name", default="startup", help="results file name")
     parser.add_argument("--quick", action="store_true", help="one run")
     args = parser.parse_args()
     if args.quick:
@@ -197,7 +198,7 @@ def main() -> None:
             "ready_s_empty_db": round(statistics.median(empty), 2),
             "runs": args.runs,
         })  # fmt: skip
-    report("startup", rows, {"what": "exec to READY=1 (sd_notify), seconds; median of runs"})
+    report(args.name, rows, {"what": "exec to READY=1 (sd_notify), seconds; median of runs"})
 
 
 if __name__ == "__main__":
