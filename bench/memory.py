@@ -97,6 +97,9 @@ async def _soak(run: Running, rate: float, seconds: float, every: float) -> dict
         "rss_last_mb": round(rss[-1], 1),
         "rss_max_mb": round(max(rss), 1),
         "slope_mb_per_h": round(_slope_mb_per_h(samples), 2),
+        # The first minutes fill what the gateway keeps per caller; a leak shows
+        # as a slope that stays once that is done.
+        "slope_second_half_mb_per_h": round(_slope_mb_per_h(samples[len(samples) // 2 :]), 2),
         "events": events,
         "gw_cpu_share": round(cpu / samples[-1][0], 3),
         "series": [(round(t, 1), round(r, 2)) for t, r in samples],
