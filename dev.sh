@@ -79,7 +79,7 @@ case "${1:-}" in
         exec .venv/bin/python -m pytest "$@"
         ;;
     *)
-        sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,/^set /{/^#/p}' "$0" | sed 's/^# \{0,1\}//'
         exit 2
         ;;
 esac
