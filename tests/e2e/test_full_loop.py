@@ -25,6 +25,7 @@ from simulators.caller import CounterFile, SerialBus, SimCaller
 from ..conftest import REPO, Broker, PtyPair, require_binary, write_config
 from ..integration.helpers import caller_key
 from .conftest import Daemon
+from .village_short import use_village
 
 pytestmark = pytest.mark.e2e
 
@@ -108,15 +109,9 @@ async def test_ring_escalate_sms_accept_app_resolve_thumbs_up(
     try:
         cfg = write_config(tmp_path, serial_port=pty_pair.gateway_port, mqtt_port=broker.port,
                            village="loop4")
-        (tmp_path / "people.toml").write_text(PEOPLE)
-        (tmp_path / "roster.toml").write_text(ROSTER)
-        text = cfg.read_text()
-        start = text.index("people = ")
-        end = text.index("\n\n", start)
-        text = (text[:start] + f'people = "{tmp_path / "people.toml"}"\n'
-                f'roster = "{tmp_path / "roster.toml"}"' + text[end:])
-        text += f'\n[modem]\nport = "{modem_pair.gateway_port}"\nring_s = 5\n'
-        cfg.write_text(text)
+        use_village(cfg, PEOPLE, ROSTER)
+        with cfg.open("a") as fh:
+            fh.write(f'\n[modem]\nport = "{modem_pair.gateway_port}"\nring_s = 5\n')
 
         daemon = Daemon(cfg)
         daemon_factory.append(daemon)

@@ -77,14 +77,22 @@ ack_timeout_s = {second}
 """
 
 
-def write_short_village(directory: Path, gateway_toml: Path, *, first: float = 10.0,
-                        second: float = 10.0) -> None:
-    """Point an existing gateway.toml at people and roster files with short timeouts."""
-    (directory / "people.toml").write_text(PEOPLE)
-    (directory / "roster.toml").write_text(ROSTER.format(first=first, second=second))
+def use_village(gateway_toml: Path, people: str, roster: str,
+                directory: Path | None = None) -> None:
+    """Write people.toml and roster.toml (beside gateway.toml unless told where)
+    and point gateway.toml at them."""
+    directory = directory or gateway_toml.parent
+    (directory / "people.toml").write_text(people)
+    (directory / "roster.toml").write_text(roster)
     text = gateway_toml.read_text()
     start = text.index("people = ")
     end = text.index("\n\n", start)
     text = (text[:start] + f'people = "{directory / "people.toml"}"\n'
             f'roster = "{directory / "roster.toml"}"' + text[end:])
     gateway_toml.write_text(text)
+
+
+def write_short_village(directory: Path, gateway_toml: Path, *, first: float = 10.0,
+                        second: float = 10.0) -> None:
+    """Point an existing gateway.toml at people and roster files with short timeouts."""
+    use_village(gateway_toml, PEOPLE, ROSTER.format(first=first, second=second), directory)

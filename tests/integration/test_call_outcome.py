@@ -22,6 +22,7 @@ from simulators.caller import CounterFile, SerialBus, SimCaller
 from simulators.modem import ModemSim, Phone, Scenario
 
 from ..conftest import PtyPair, write_config
+from ..e2e.village_short import use_village
 from .helpers import caller_key, running_gateway, wait_until
 
 DEV = 1009
@@ -96,18 +97,9 @@ async def village(
     scenario = Scenario(phones={A_PHONE: phone_a}, dtmf=None)
     async with ModemSim(None, scenario, link=link) as sim:
         cfg = write_config(tmp_path, serial_port=pty_pair.gateway_port, village="calls")
-        (tmp_path / "people.toml").write_text(PEOPLE)
-        (tmp_path / "roster.toml").write_text(ROSTER)
-        text = cfg.read_text()
-        start = text.index("people = ")
-        end = text.index("\n\n", start)
-        text = (
-            text[:start]
-            + f'people = "{tmp_path / "people.toml"}"\nroster = "{tmp_path / "roster.toml"}"'
-            + text[end:]
-        )
-        text += f'\n[modem]\nport = "{link}"\nring_s = 5\n{modem_extra}'
-        cfg.write_text(text)
+        use_village(cfg, PEOPLE, ROSTER)
+        with cfg.open("a") as fh:
+            fh.write(f'\n[modem]\nport = "{link}"\nring_s = 5\n{modem_extra}')
         async with running_gateway(cfg) as gw:
             assert gw.modem is not None
             await wait_until(lambda: gw.modem is not None and gw.modem.ready, timeout=15,
