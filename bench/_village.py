@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -18,12 +19,27 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from simulators.caller import CounterFile
+from firmware_protocol import Key
+from simulators.caller import CounterFile, PressResult, SimCaller
 
 REPO = Path(__file__).resolve().parent.parent
 # Taken when a benchmark starts: the machines are shared, and a figure means
 # little without knowing what else was running.
 _LOAD_AT_START = os.getloadavg()
+
+
+STEADY_RATE = 50.0  # presses per second in the "steady" load
+
+
+async def press_green(callers: list[SimCaller], mode: str) -> list[PressResult]:
+    """Every caller presses green: all at once ("burst") or at STEADY_RATE."""
+    if mode == "burst":
+        return await asyncio.gather(*(c.press(Key.CALL, give_up_s=30) for c in callers))
+    tasks = []
+    for c in callers:
+        tasks.append(asyncio.create_task(c.press(Key.CALL, give_up_s=30)))
+        await asyncio.sleep(1 / STEADY_RATE)
+    return await asyncio.gather(*tasks)
 
 
 def free_port() -> int:

@@ -15,12 +15,10 @@ import asyncio
 import random
 import statistics
 
-from firmware_protocol import Key
 from simulators.caller import MqttBus, SerialBus, SimCaller
 
-from ._village import Running, pct, report, village
+from ._village import STEADY_RATE, Running, pct, press_green, report, village
 
-STEADY_RATE = 50.0  # presses per second
 STEADY_PRESSES = 300
 BURST = 200
 
@@ -44,14 +42,7 @@ async def _measure(run: Running, transport: str, mode: str, seed: int) -> list[f
     bus.callers.update(by_id)
     callers = [by_id[ids[i % len(ids)]] for i in range(count)]
     async with bus:
-        if mode == "burst":
-            results = await asyncio.gather(*(c.press(Key.CALL, give_up_s=30) for c in callers))
-        else:
-            tasks = []
-            for c in callers:
-                tasks.append(asyncio.create_task(c.press(Key.CALL, give_up_s=30)))
-                await asyncio.sleep(1 / STEADY_RATE)
-            results = await asyncio.gather(*tasks)
+        results = await press_green(callers, mode)
     missing = [r for r in results if not r.acked]
     if missing:
         raise SystemExit(f"{len(missing)} presses not acknowledged ({transport} {mode})")

@@ -42,12 +42,11 @@ from typing import Any
 
 import aiomqtt
 
-from firmware_protocol import Ack, Frame, Key, KeyPress, decode_frame
+from firmware_protocol import Ack, Frame, KeyPress, decode_frame
 from simulators.caller import MqttBus, SerialBus, SimCaller
 
-from ._village import REPO, Running, pct, report, village
+from ._village import REPO, STEADY_RATE, Running, pct, press_green, report, village
 
-STEADY_RATE = 50.0  # presses per second
 STEADY_PRESSES = 300
 BURST = 200
 NOTIFY_WAIT_S = 15.0
@@ -167,14 +166,7 @@ async def _measure(
         await app.subscribe(f"{run.prefix}/app/+/notify", qos=1)
         watcher = asyncio.create_task(watch(app))
         async with bus:
-            if mode == "burst":
-                results = await asyncio.gather(*(c.press(Key.CALL, give_up_s=30) for c in callers))
-            else:
-                tasks = []
-                for c in callers:
-                    tasks.append(asyncio.create_task(c.press(Key.CALL, give_up_s=30)))
-                    await asyncio.sleep(1 / STEADY_RATE)
-                results = await asyncio.gather(*tasks)
+            results = await press_green(callers, mode)
             keys = {
                 (c.device_id, r.counter): c.device_id for c, r in zip(callers, results, strict=True)
             }
