@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import inspect
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -293,7 +292,7 @@ class Dispatcher:
                     # A ringing phone says "come" but not where to or how to
                     # answer; the text does, and stays on the phone.
                     along = ("sms",)
-                if later is not None and inspect.isawaitable(later):
+                if later is not None:
                     rest = [n for n in names[i + 1 :] if n not in along]
                     self._spawn(self._follow(action, message, channel_name, later, along, rest))
                 return
