@@ -257,7 +257,11 @@ def _wait_ready(work: Path, gateway: subprocess.Popen[bytes], port: int) -> None
     raise SystemExit("gateway not ready within 60 s")
 
 
-def report(name: str, rows: list[dict[str, object]], extra: dict[str, object]) -> None:
+def report(
+    name: str, rows: list[dict[str, object]], extra: dict[str, object], *, quick: bool = False
+) -> None:
+    # A --quick run is a smoke test: it must not overwrite the figures the README reports.
+    name = f"{name}_quick" if quick else name
     out = {"benchmark": name, "machine": machine(), **extra, "rows": rows}
     results = REPO / "bench" / "results"
     results.mkdir(exist_ok=True)

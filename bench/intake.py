@@ -318,6 +318,7 @@ def main() -> None:
             "sqlite_smaller_groups_events_per_s": small,
             "steps": steps_out,
         },
+        quick=args.quick,
     )
 
 

@@ -146,7 +146,7 @@ def main() -> None:
             soak = asyncio.run(_soak(run, args.soak_rate, args.soak_s, args.every))
         extra["soak_series"] = soak.pop("series")
         row.update(soak)
-    report(args.name, [row], extra)
+    report(args.name, [row], extra, quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -86,7 +86,8 @@ def main() -> None:
     for n in (int(x) for x in args.callers.split(",")):
         with village(n) as run:
             rows += asyncio.run(_bench(run, args.runs, n))
-    report("press_latency", rows, {"what": "press to ACK, ms; ACK follows the fsync"})
+    what = {"what": "press to ACK, ms; ACK follows the fsync"}
+    report("press_latency", rows, what, quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -261,6 +261,7 @@ def main() -> None:
             "run's median / 99th percentile",
             "tap": args.tap,
         },
+        quick=args.quick,
     )
 
 

@@ -198,7 +198,8 @@ def main() -> None:
             "ready_s_empty_db": round(statistics.median(empty), 2),
             "runs": args.runs,
         })  # fmt: skip
-    report(args.name, rows, {"what": "exec to READY=1 (sd_notify), seconds; median of runs"})
+    what = {"what": "exec to READY=1 (sd_notify), seconds; median of runs"}
+    report(args.name, rows, what, quick=args.quick)
 
 
 if __name__ == "__main__":

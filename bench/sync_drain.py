@@ -188,6 +188,7 @@ def main() -> None:
             "synchronous=FULL on both sides; median of runs",
             "cpu_count": os.cpu_count(),
         },
+        quick=args.quick,
     )
 
 
