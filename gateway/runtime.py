@@ -46,9 +46,10 @@ class Gateway:
     ) -> None:
         self.config = loaded.gateway
         self.notifier = notifier or Notifier()
-        self.residents = loaded.residents
         self.metrics = metrics or Metrics()
-        self._keys = {c.id: c.key_bytes for c in self.residents.caller}
+        # Only the keys are kept: the residents' pydantic models cost about
+        # 6 MB with 10,000 callers, and the desk has its own copy of the rest.
+        self._keys = {c.id: c.key_bytes for c in loaded.residents.caller}
         self.started_at = time.time()
         self.stop_requested = asyncio.Event()
         self.ready = asyncio.Event()
@@ -482,7 +483,7 @@ class Gateway:
             snap = self.desk.snapshot()
             desk = Desk(loaded.village)
             desk.restore(snap.cases, snap.notices, snap.last_seen)
-            self.desk, self.village, self.residents = desk, loaded.village, loaded.residents
+            self.desk, self.village = desk, loaded.village
             # Mutated in place: the intake holds this dict's lookup.
             self._keys.clear()
             self._keys.update({c.id: c.key_bytes for c in loaded.residents.caller})

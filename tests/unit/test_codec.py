@@ -556,3 +556,15 @@ def test_replay_guard_accepts_only_rising_counters(seq: list[tuple[int, bytes]])
         elif verdict is Verdict.DUPLICATE:
             assert counter in accepted
     assert accepted == sorted(set(accepted))
+
+
+def test_replay_guard_reaccept_moves_to_newest_and_checks_mac_length() -> None:
+    guard = fp.ReplayGuard(window=2)
+    guard.accept(5, 1, MAC_A)
+    guard.accept(5, 2, MAC_B)
+    guard.accept(5, 1, MAC_A)  # the same frame again: now the newest, not a second slot
+    guard.accept(5, 3, MAC_B)
+    assert guard.check(5, 1, MAC_A) is Verdict.DUPLICATE
+    assert guard.check(5, 2, MAC_B) is Verdict.REPLAY  # pushed out by 1 and 3
+    with pytest.raises(ValueError, match="MAC is 8 bytes, got 3"):
+        guard.accept(5, 4, b"abc")
