@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import os
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 from .config import ConfigError, load
 from .log import configure
+from .malloc import limit_arenas
 
 __all__ = ["main"]
 
@@ -20,24 +20,8 @@ DEFAULT_CONFIG = Path(os.environ.get("ONETOUCH_CONFIG", "/etc/onetouch-gateway/g
 EX_CONFIG = 78  # sysexits.h; the systemd unit does not restart on it
 
 
-def _limit_malloc_arenas() -> None:
-    """Keep glibc from giving every thread a heap of its own.
-
-    aiosqlite's worker thread would otherwise grow a second arena beside the
-    main one, several MB of resident memory that a Pi with 1 GB shares with
-    everything else.  ``MALLOC_ARENA_MAX`` in the environment still wins.
-    """
-    if "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-8, 1)  # M_ARENA_MAX from malloc.h
-    except (OSError, AttributeError):
-        pass  # not glibc (musl has no arenas to limit)
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
-    _limit_malloc_arenas()
+    limit_arenas()
     try:
         loaded = load(args.config)
     except ConfigError as exc:

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from . import malloc
 from .clock import WallClock
 from .config import DISTRICT_DIR, ConfigError, Loaded, ModemConfig, district_overrides, load
 from .desk import Desk
@@ -183,6 +184,7 @@ class Gateway:
                     store=str(cfg.store.path),
                 )
                 self.notifier.notify(ready=1, status=self.status_line())
+                malloc.trim()
                 supervision = asyncio.create_task(self._supervise(), name="supervise")
                 try:
                     await self._until_stopped([committer, ticker, *link_tasks, supervision])
@@ -499,6 +501,7 @@ class Gateway:
             people=len(loaded.village.people),
             open_cases=sum(c.open for c in snap.cases),
         )
+        malloc.trim()
         if later:
             log.warning("these settings take effect at the next restart", sections=later)
 
