@@ -16,6 +16,14 @@ __all__ = ["ReplayGuard", "Verdict"]
 _ENTRY = struct.Struct(f">I{MAC_LEN}s")
 
 
+def _mac_of(recent: bytes, counter: int) -> bytes | None:
+    """The MAC remembered for ``counter`` in a device's packed recent frames."""
+    for seen_counter, seen_mac in _ENTRY.iter_unpack(recent):
+        if seen_counter == counter:
+            return seen_mac
+    return None
+
+
 class Verdict(Enum):
     NEW = "new"  # higher than anything accepted from this device
     DUPLICATE = "duplicate"  # a retransmission of a frame already accepted
@@ -55,11 +63,9 @@ class ReplayGuard:
         return self._high.get(device_id, 0)
 
     def check(self, device_id: int, counter: int, mac: bytes) -> Verdict:
-        recent = self._recent.get(device_id)
-        if recent:
-            for seen_counter, seen_mac in _ENTRY.iter_unpack(recent):
-                if seen_counter == counter:
-                    return Verdict.DUPLICATE if seen_mac == mac else Verdict.REPLAY
+        seen = _mac_of(self._recent.get(device_id, b""), counter)
+        if seen is not None:
+            return Verdict.DUPLICATE if seen == mac else Verdict.REPLAY
         high = self._high.get(device_id, 0)
         if counter > high:
             return Verdict.NEW
@@ -74,7 +80,7 @@ class ReplayGuard:
         if len(mac) != MAC_LEN:
             raise ValueError(f"a MAC is {MAC_LEN} bytes, got {len(mac)}")
         recent = self._recent.get(device_id, b"")
-        if recent and any(c == counter for c, _ in _ENTRY.iter_unpack(recent)):
+        if _mac_of(recent, counter) is not None:
             recent = b"".join(
                 _ENTRY.pack(c, m) for c, m in _ENTRY.iter_unpack(recent) if c != counter
             )
